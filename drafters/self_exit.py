@@ -1,0 +1,56 @@
+"""Untrained early exit: the target's first N layers, then its own final norm and LM head.
+
+The same idea as transformers' `assistant_early_exit`, kept as a baseline for EESD. The lower
+layers' KV cache is shared with verification (see `TargetModel.enable_split`).
+"""
+
+from __future__ import annotations
+
+import torch
+from attrs import define, field, validators as v
+
+from specframe.interfaces import Drafter
+from specframe.types import Draft
+
+
+def draft_with(step, first_token: int, max_tokens: int, controller, sampler) -> Draft:
+    """Run `step(token) -> (V,) logits` autoregressively, asking the controller after each token.
+
+    Shared by drafters that draft one token per call. Returns tokens (K,) and q (K, V).
+    """
+    tokens, q_rows, confidences = [], [], []
+    token = first_token
+    while len(tokens) < max_tokens:
+        logits = step(token)  # (V,)
+        q_i = sampler.probs(logits[None])[0]  # (V,)
+        token = sampler.sample(q_i)
+        confidence = float(torch.softmax(logits.float(), -1).max()) if sampler.greedy else float(q_i.max())
+        tokens.append(token)
+        q_rows.append(q_i)
+        confidences.append(confidence)
+        if not controller.keep_drafting(len(tokens), confidence):
+            break
+    if not tokens:
+        return Draft.empty()
+    q = None if sampler.greedy else torch.stack(q_rows)
+    return Draft(torch.tensor(tokens, dtype=torch.long), q, tuple(confidences))
+
+
+@define
+class SelfExitDrafter(Drafter):
+    """Draft with the target's first `layer` layers and its final norm + LM head."""
+
+    layer: int = field(default=4, validator=[v.instance_of(int), v.ge(1)])
+    target: object = field(default=None, init=False, repr=False)
+
+    def begin(self, target, prompt_ids, sampler) -> None:
+        target.enable_split(self.layer)
+        self.target = target
+
+    @torch.inference_mode()
+    def _step(self, token: int) -> torch.Tensor:
+        hidden = self.target.lower(torch.tensor([token]))  # (1, C)
+        return self.target.logits(hidden)[0].float()
+
+    def propose(self, context, max_tokens, controller, sampler) -> Draft:
+        return draft_with(self._step, context[-1], max_tokens, controller, sampler)

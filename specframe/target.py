@@ -1,0 +1,222 @@
+"""The target-model adapter: forward passes over new tokens with a KV cache, and rollback.
+
+Two paths:
+- *layered* (Llama-style decoders: `model.model.{embed_tokens, layers, norm, rotary_emb}`): the
+  engine runs the decoder layers itself over a preallocated KV cache that rollback only rewinds.
+  It can split the stack at layer N, so an early-exit drafter runs layers 1..N once per token and
+  verification reuses their KV cache and activations (EESD, Liu et al. 2024).
+- *generic*: any other Hugging Face causal LM, through `model(..., cache=DynamicCache)`.
+
+Shapes: T new tokens, S cached tokens, C hidden size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from transformers import DynamicCache
+
+from .errors import PluginContractError, SpecframeError
+
+_LAYERED_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
+
+
+class KVCache:
+    """Per-layer key/value buffers, preallocated and grown by doubling; rollback only rewinds."""
+
+    def __init__(self, capacity: int = 256):
+        self.capacity = capacity
+        self.keys: dict[int, torch.Tensor] = {}  # layer -> (1, H, capacity, D)
+        self.values: dict[int, torch.Tensor] = {}
+        self.lengths: dict[int, int] = {}
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Append (1, H, T, D) keys/values of one layer and return all of that layer's so far."""
+        start = self.lengths.get(layer_idx, 0)
+        end = start + key.shape[-2]
+        self._reserve(layer_idx, key, value, end)
+        self.keys[layer_idx][:, :, start:end] = key
+        self.values[layer_idx][:, :, start:end] = value
+        self.lengths[layer_idx] = end
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def _reserve(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, end: int) -> None:
+        buffer = self.keys.get(layer_idx)
+        if buffer is not None and buffer.shape[-2] >= end:
+            return
+        size = max(self.capacity, end * 2)
+        B, H, _, D = key.shape
+        new_keys = key.new_empty(B, H, size, D)
+        new_values = value.new_empty(B, H, size, value.shape[-1])
+        if buffer is not None:
+            kept = self.lengths[layer_idx]
+            new_keys[:, :, :kept] = buffer[:, :, :kept]
+            new_values[:, :, :kept] = self.values[layer_idx][:, :, :kept]
+        self.keys[layer_idx], self.values[layer_idx] = new_keys, new_values
+
+    def length(self, layer_idx: int) -> int:
+        return self.lengths.get(layer_idx, 0)
+
+    def rewind(self, length: int, layers: range) -> None:
+        for layer_idx in layers:
+            self.lengths[layer_idx] = min(self.lengths.get(layer_idx, 0), length)
+
+    # transformers' mask helpers may ask these of a cache
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length(layer_idx)
+
+
+def is_layered(model) -> bool:
+    inner = getattr(model, "model", None)
+    return inner is not None and hasattr(model, "lm_head") and all(hasattr(inner, p) for p in _LAYERED_PARTS)
+
+
+def _causal_mask(T: int, start: int, device) -> torch.Tensor | None:
+    """(1, 1, T, start + T) bool mask: new token i sees cached tokens and new tokens <= i."""
+    if T == 1:
+        return None
+    key_pos = torch.arange(start + T, device=device)
+    query_pos = torch.arange(start, start + T, device=device)[:, None]
+    return (key_pos[None, :] <= query_pos)[None, None]
+
+
+class TargetModel:
+    """A Hugging Face causal LM with a KV cache that the engine owns and rolls back.
+
+    `length` is the number of tokens whose keys and values are cached in every layer.
+    """
+
+    def __init__(self, model, layered: bool | None = None):
+        self.model = model.eval()
+        self.config = model.config
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.num_layers = model.config.get_text_config().num_hidden_layers
+        self.layered = is_layered(model) if layered is None else layered
+        self.split_layer: int | None = None  # layers [0, split) are "lower", shared with a drafter
+        self.reset()
+
+    # ---- state -------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.cache = KVCache() if self.layered else DynamicCache(config=self.config)
+        self.length = 0
+        self.lower_ids: list[int] = []  # tokens already run through the lower layers only
+        self.split_hidden: torch.Tensor | None = None  # (S, C) hidden states at the split layer
+
+    def enable_split(self, layer: int) -> None:
+        """Let a drafter run layers [0, layer) ahead of verification (needs the layered path)."""
+        if not self.layered:
+            raise SpecframeError(
+                f"{type(self.model).__name__} is not a Llama-style decoder, so its layers cannot be "
+                "split for early exit; use a drafter such as 'ngram' or 'draft_model' instead"
+            )
+        if not 0 < layer < self.num_layers:
+            raise SpecframeError(f"exit layer must be in [1, {self.num_layers - 1}], got {layer}")
+        self.split_layer = layer
+
+    # ---- forward passes ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Run (T,) new tokens through the whole model; return (T, V) logits and cache them."""
+        if not self.layered:
+            return self._generic_forward(ids)
+        pending = len(self.lower_ids)
+        if pending:  # a drafter already ran the lower layers on a prefix of ids
+            if ids[:pending].tolist() != self.lower_ids:
+                raise PluginContractError("target", "verified tokens must extend the drafted lower-layer prefix")
+            ids = ids[pending:]
+        hidden = self.lower(ids) if self.split_layer else self._embed_run(ids, 0, self.num_layers)
+        if self.split_layer:
+            hidden = torch.cat([self.split_hidden[self.length : self.length + pending], hidden])
+            hidden = self._run_layers(hidden, self.split_layer, self.num_layers, self.length)
+        self.lower_ids = []
+        self.length += hidden.shape[0]
+        return self.logits(hidden)
+
+    @torch.inference_mode()
+    def lower(self, ids: torch.Tensor) -> torch.Tensor:
+        """Run (T,) tokens through layers [0, split); return their (T, C) hidden states."""
+        start = self.length + len(self.lower_ids)
+        hidden = self._embed_run(ids, 0, self.split_layer, start)
+        self._store_split_hidden(hidden, start)
+        self.lower_ids.extend(ids.tolist())
+        return hidden
+
+    def hidden_at_split(self, start: int, end: int) -> torch.Tensor:
+        """(end - start, C) split-layer hidden states of tokens already run through the lower layers."""
+        return self.split_hidden[start:end]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head on (T, C) hidden states of the last layer -> (T, V)."""
+        return self.model.lm_head(self.model.model.norm(hidden))
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.model.norm(hidden)
+
+    def _embed_run(self, ids: torch.Tensor, first: int, last: int, start: int | None = None) -> torch.Tensor:
+        start = self.length if start is None else start
+        hidden = self.model.model.embed_tokens(ids.to(self.device)[None])[0]  # (T, C)
+        return self._run_layers(hidden, first, last, start)
+
+    def _run_layers(self, hidden: torch.Tensor, first: int, last: int, start: int) -> torch.Tensor:
+        """Run (T, C) hidden states at positions start.. through layers [first, last)."""
+        T = hidden.shape[0]
+        inner = self.model.model
+        position_ids = torch.arange(start, start + T, device=self.device)[None]
+        x = hidden[None]  # (1, T, C)
+        rope = inner.rotary_emb(x, position_ids=position_ids)
+        mask = _causal_mask(T, start, self.device)
+        for layer in inner.layers[first:last]:
+            x = layer(x, attention_mask=mask, position_ids=position_ids, cache=self.cache,
+                      use_cache=True, position_embeddings=rope)
+        return x[0]
+
+    def _store_split_hidden(self, hidden: torch.Tensor, start: int) -> None:
+        end = start + hidden.shape[0]
+        buffer = self.split_hidden
+        if buffer is None or buffer.shape[0] < end:
+            grown = hidden.new_empty(max(256, 2 * end), hidden.shape[1])
+            if buffer is not None:
+                grown[:start] = buffer[:start]
+            self.split_hidden = buffer = grown
+        buffer[start:end] = hidden
+
+    def _generic_forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids.to(self.device)[None], cache=self.cache, use_cache=True)
+        self.length += ids.shape[0]
+        return out.logits[0]
+
+    # ---- rollback ----------------------------------------------------------------------------
+    def rollback(self, length: int) -> None:
+        """Forget every cached token from position `length` on, in all layers."""
+        assert 0 <= length <= self.length + len(self.lower_ids), (
+            f"cannot roll back to {length}: only {self.length} tokens are cached"
+        )
+        self.lower_ids = self.lower_ids[: max(0, length - self.length)]
+        self.length = min(self.length, length)
+        if self.layered:
+            self.cache.rewind(length, range(self.num_layers))
+            return
+        for layer in self.cache.layers:
+            extra = layer.get_seq_length() - length
+            if extra > 0:
+                layer.crop(-extra)
+
+    def cached_length(self) -> int:
+        """Tokens cached in the last layer, for the engine's invariant check."""
+        if self.layered:
+            return self.cache.length(self.num_layers - 1)
+        return self.cache.get_seq_length()
+
+
+@contextlib.contextmanager
+def temporarily_eval(model):
+    """Put a model in eval mode for a block and restore its previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

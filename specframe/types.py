@@ -1,0 +1,147 @@
+"""Value types passed between the engine and its parts. Shapes: K drafts, V vocabulary."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from attrs import field, frozen, validators as v
+
+from .errors import ConfigError
+
+
+def _check_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+    bad = value <= low if low_open else value < low
+    if bad or value > high:
+        bracket = "(" if low_open else "["
+        raise ConfigError(f"{name} must be in {bracket}{low}, {high}], got {value!r}")
+
+
+@frozen
+class SamplingConfig:
+    """How the target's and the drafter's logits become distributions. temperature 0 = greedy."""
+
+    temperature: float = 0.0  # 0 means greedy (argmax); > 0 samples
+    top_k: int = 0  # 0 disables top-k filtering
+    top_p: float = 1.0  # 1.0 disables nucleus filtering
+    seed: int | None = None  # seeds the torch.Generator used for every random draw
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.temperature, (int, float)) or self.temperature != self.temperature:
+            raise ConfigError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        _check_range("temperature", float(self.temperature), 0.0, 1e4)
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)):
+            raise ConfigError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        _check_range("top_p", float(self.top_p), 0.0, 1.0, low_open=True)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@frozen
+class Draft:
+    """What a drafter proposes in one round."""
+
+    tokens: torch.Tensor = field(eq=False, repr=False)  # (K,) int64
+    q: torch.Tensor | None = field(default=None, eq=False, repr=False)  # (K, V) or None = one-hot
+    confidences: tuple[float, ...] = ()  # drafter's own confidence per token (max of q)
+
+    @classmethod
+    def empty(cls) -> "Draft":
+        return cls(tokens=torch.empty(0, dtype=torch.long))
+
+    def __len__(self) -> int:
+        return int(self.tokens.numel())
+
+
+@frozen
+class Verdict:
+    """What a verifier decides: how many drafts to keep, plus the one extra target token."""
+
+    accepted_length: int = field(validator=v.ge(0))
+    next_token: int = field(validator=v.ge(0))  # correction at the first rejection, else bonus
+
+
+@frozen
+class RoundStats:
+    """One round as the controller sees it."""
+
+    drafted: int  # K, how many drafts were verified
+    accepted: int  # how many of them were kept
+    confidences: tuple[float, ...] = ()
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+
+    @property
+    def all_accepted(self) -> bool:
+        return self.accepted == self.drafted
+
+
+@frozen
+class GenerationStats:
+    """Statistics of one generation."""
+
+    rounds: int
+    drafted: int
+    accepted: int
+    new_tokens: int
+    draft_seconds: float
+    verify_seconds: float
+    total_seconds: float
+    accepted_histogram: dict[int, int] = field(factory=dict)  # accepted per round -> count
+    draft_length_histogram: dict[int, int] = field(factory=dict)  # drafted per round -> count
+    position_accepts: tuple[tuple[int, int], ...] = ()  # per draft position: (accepted, drafted)
+    fallback: str | None = None  # set when the engine fell back to plain decoding
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens committed per round, counting the target's own token (as Spec-Bench does)."""
+        return self.new_tokens / self.rounds if self.rounds else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.total_seconds if self.total_seconds > 0 else 0.0
+
+    @property
+    def other_seconds(self) -> float:
+        return max(0.0, self.total_seconds - self.draft_seconds - self.verify_seconds)
+
+    def as_dict(self) -> dict:
+        return {
+            "rounds": self.rounds,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "new_tokens": self.new_tokens,
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "mean_accepted_length": round(self.mean_accepted_length, 4),
+            "tokens_per_second": round(self.tokens_per_second, 3),
+            "draft_seconds": round(self.draft_seconds, 4),
+            "verify_seconds": round(self.verify_seconds, 4),
+            "other_seconds": round(self.other_seconds, 4),
+            "total_seconds": round(self.total_seconds, 4),
+            "accepted_histogram": {str(k): c for k, c in sorted(self.accepted_histogram.items())},
+            "draft_length_histogram": {str(k): c for k, c in sorted(self.draft_length_histogram.items())},
+            "position_acceptance": [a / d if d else 0.0 for a, d in self.position_accepts],
+            "fallback": self.fallback,
+        }
+
+
+@frozen
+class GenerationResult:
+    """Tokens, text and statistics of one generation."""
+
+    tokens: list[int]  # the new tokens only, EOS included when it was produced
+    text: str
+    stats: GenerationStats
+    finish_reason: str  # "eos", "length" or "interrupted"
+
+
+def histogram(values: list[int]) -> dict[int, int]:
+    return dict(sorted(Counter(values).items()))
