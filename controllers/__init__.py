@@ -3,6 +3,7 @@
 from specframe.hookspecs import hookimpl
 
 from .simple import ConfidenceController, FixedController, HeuristicController
+from .thompson import BetaThompsonController, CalibratedThompsonController, CostAwareThompsonController
 
 
 @hookimpl
@@ -10,3 +11,6 @@ def register_controllers(register):
     register("fixed", FixedController, "always draft k tokens")
     register("heuristic", HeuristicController, "transformers' schedule: +2 after a full accept, -1 otherwise")
     register("confidence", ConfidenceController, "stop when the drafter's top probability < threshold")
+    register("thompson", BetaThompsonController, "EESD Beta-TS: draft on while a Thompson draw from a Beta posterior says so")
+    register("thompson_calibrated", CalibratedThompsonController, "EESD Calibration-TS: one Beta posterior per confidence bin")
+    register("thompson_cost", CostAwareThompsonController, "Thompson draw of the acceptance rate, then the draft length with most tokens per second")

@@ -1,0 +1,402 @@
+"""Thompson-sampling draft-length controllers, after EESD's control mechanism.
+
+Reference: Liu, Wang, Wang, Cai, "Speculative Decoding via Early-exiting for Faster LLM
+Inference with Thompson Sampling Control Mechanism", Findings of ACL 2024, arXiv 2406.03853,
+Figure 2. Letters as in the paper: θ is the per-token acceptance probability, Beta(α, β) its
+posterior, χ ~ Bernoulli(θ) the keep-drafting coin.
+
+Three controllers share one Beta–Bernoulli machinery (`BetaBank`):
+
+- `thompson` (`BetaThompsonController`, Beta-TS): one posterior. After each draft token draw
+  θ ~ Beta(α, β), then χ ~ Bernoulli(θ); keep drafting while χ = 1, up to `max_k`.
+- `thompson_calibrated` (`CalibratedThompsonController`, Calibration-TS): one posterior per bin
+  of the drafter's confidence; θ is drawn from the bin of the token just drafted.
+- `thompson_cost` (`CostAwareThompsonController`): once per round draws θ ~ Beta(α, β) and
+  drafts the k that maximises expected tokens per second under that θ and the measured draft and
+  verify times (they differ a lot on a CPU, see DESIGN.md "Costs on a CPU").
+
+Choices the paper leaves open, made here (docs/controllers.md gives the full reasoning):
+
+- What χ stands for. χ simulates the verification of the token just drafted: if that token would
+  be rejected, every later draft is wasted, so stop. Under Beta-TS every position has the same θ,
+  so this is the same as predicting the next token; under Calibration-TS it lets the token's own
+  confidence decide. Drawing θ and then χ per token is, marginally, χ ~ Bernoulli(α / (α + β)):
+  `resample="round"` instead draws θ once per round, which explores long drafts more.
+- The update. Verification judges the drafts in order and stops at the first rejection. Each
+  accepted draft is a success, the first rejected draft one failure. Drafts after the rejection
+  are unseen: the target scored them after a wrong token, so they say nothing about θ. Drafts
+  never made (the controller stopped, or the cap) are unseen too. Under the model "each position
+  is accepted with probability θ, independently" this is exactly the likelihood of what was
+  observed (a right-censored geometric), so the Beta update is the exact posterior. Counting the
+  later positions as failures would bias θ down and make the controller draft ever shorter.
+- Priors. Beta-TS: Beta(1, 1), uniform, worth two observations, so a few rounds outweigh it.
+  Calibration-TS: bin b with midpoint m_b gets Beta(s·m_b, s·(1 − m_b)), s = `prior_strength`
+  = 2: the prior guess is a calibrated drafter (a greedy draft whose top probability is c is
+  the target's argmax with probability c), and data correct it.
+- Forgetting. Before each update all evidence shrinks toward the prior by `discount` γ per
+  round: α ← α₀ + γ (α − α₀), likewise β (and, in `thompson_cost`, the cost averages). γ = 0.98
+  remembers about 50 rounds, roughly one 128-token answer, so the controller follows a change
+  of topic or of answer (prose to code) within one generation while keeping about a hundred
+  observations. It is per round, not per observation, so that `thompson_cost`, which may stop
+  drafting altogether, still forgets and tries drafting again later. γ = 1 turns it off.
+- Across generations. The posterior (and the random stream) persist by default
+  (`persist=True`): acceptance is mostly a property of the drafter and the target, and a short
+  answer should not spend its first rounds relearning it; forgetting lets each answer adapt.
+  `persist=False` resets both in `begin()`, so each generation is reproducible on its own.
+- The cap. `max_k = 8`. On this CPU (fp32) verifying 9 positions costs about twice a one-token
+  forward, and the 9th draft adds only θ⁹ expected tokens (0.13 at θ = 0.8); with the measured
+  costs the best fixed draft length exceeds 8 only for θ ≥ 0.95. At most MAX_DRAFT_CAP (64).
+- At least one draft. Beta-TS and Calibration-TS always draft one token (the drafter asks the
+  controller only after drafting), as in the paper; `thompson_cost` may choose 0 (a plain
+  decoding round) when no draft length pays, which the engine supports.
+
+Randomness comes only from the controller's own `random.Random(seed)`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+from attrs import define, field
+
+from specframe.errors import ConfigError
+from specframe.interfaces import Controller
+from specframe.types import RoundStats
+
+from .simple import MAX_DRAFT_CAP
+
+DEFAULT_MAX_K = 8
+DEFAULT_DISCOUNT = 0.98
+RESAMPLE_CHOICES = ("token", "round")
+# One verification pass over K drafts (K + 1 positions) relative to K = 0, fp32 on this CPU
+# (DESIGN.md, "Costs on a CPU"; K = 4 and 6 interpolated). Beyond the end: the last slope.
+CPU_FP32_VERIFY_COSTS = (1.0, 1.15, 1.23, 1.60, 1.69, 1.78, 1.905, 2.03)
+CPU_DRAFT_COST = 0.3  # one draft step relative to a one-token forward, same source
+
+
+# ---- validators: bad values fail where they enter, with the option's name ---------------------
+def _int_in(low: int, high: int):
+    def check(instance, attribute, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(f"option {attribute.name!r} must be an integer in [{low}, {high}], got {value!r}")
+    return check
+
+
+def _number_in(low: float, high: float, low_open: bool = False):
+    def check(instance, attribute, value) -> None:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not (low < value if low_open else low <= value) or not value <= high:
+            bracket = "(" if low_open else "["
+            raise ConfigError(f"option {attribute.name!r} must be a number in {bracket}{low}, {high}], got {value!r}")
+    return check
+
+
+def _bool(instance, attribute, value) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"option {attribute.name!r} must be true or false, got {value!r}")
+
+
+def _one_of(choices: tuple[str, ...]):
+    def check(instance, attribute, value) -> None:
+        if value not in choices:
+            raise ConfigError(f"option {attribute.name!r} must be one of {', '.join(choices)}, got {value!r}")
+    return check
+
+
+def _parse_costs(value) -> tuple[float, ...]:
+    """'1,1.15,1.23' (from the command line) or a sequence of numbers -> a tuple of floats."""
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        return tuple(float(item) for item in items)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"option 'verify_costs' must be numbers separated by commas, e.g. 1,1.15,1.23; got {value!r}"
+        ) from None
+
+
+def _positive_costs(instance, attribute, value) -> None:
+    if not value or not all(math.isfinite(c) and c > 0 for c in value):
+        raise ConfigError(f"option {attribute.name!r} needs at least one cost, all finite and > 0; got {value!r}")
+
+
+# ---- the posterior --------------------------------------------------------------------------
+@define
+class BetaBank:
+    """Independent Beta(α_b, β_b) posteriors, one per bin, each forgetting toward its prior."""
+
+    prior_alpha: tuple[float, ...]
+    prior_beta: tuple[float, ...]
+    alpha: list[float] = field(init=False)
+    beta: list[float] = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        assert len(self.prior_alpha) == len(self.prior_beta), "one prior α and one prior β per bin"
+        self.alpha, self.beta = list(self.prior_alpha), list(self.prior_beta)
+
+    def decay(self, discount: float) -> None:
+        """Shrink all evidence toward the prior: α ← α₀ + γ (α − α₀), likewise β."""
+        for b, (alpha0, beta0) in enumerate(zip(self.prior_alpha, self.prior_beta)):
+            self.alpha[b] = alpha0 + discount * (self.alpha[b] - alpha0)
+            self.beta[b] = beta0 + discount * (self.beta[b] - beta0)
+
+    def observe(self, b: int, accepted: bool) -> None:
+        if accepted:
+            self.alpha[b] += 1.0
+        else:
+            self.beta[b] += 1.0
+
+    def mean(self, b: int = 0) -> float:
+        return self.alpha[b] / (self.alpha[b] + self.beta[b])
+
+    def sample(self, rng: random.Random, b: int = 0) -> float:
+        return rng.betavariate(self.alpha[b], self.beta[b])
+
+
+def judged_positions(drafted: int, accepted: int) -> list[bool]:
+    """What verification says about each draft position, in order: True for each accepted draft,
+    then False for the first rejected one if there was one. Later positions are unseen."""
+    accepted = max(0, min(accepted, drafted))
+    return [True] * accepted + ([False] if accepted < drafted else [])
+
+
+# ---- shared base ------------------------------------------------------------------------------
+@define(kw_only=True)
+class ThompsonBase(Controller):
+    """Options and state every Thompson controller shares. Subclasses say how many bins their
+    posterior has (`_priors`) and which bin each judged draft updates (`_observations`)."""
+
+    max_k: int = field(default=DEFAULT_MAX_K, validator=_int_in(1, MAX_DRAFT_CAP))  # cap per round
+    discount: float = field(default=DEFAULT_DISCOUNT, validator=_number_in(0.0, 1.0, low_open=True))
+    persist: bool = field(default=True, validator=_bool)  # keep the posterior across generations
+    seed: int = field(default=0, validator=_int_in(0, 2**63 - 1))  # seeds the controller's own RNG
+    rng: random.Random = field(init=False, repr=False)
+    posterior: BetaBank = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything learned: prior posterior, fresh random stream from `seed`."""
+        self.rng = random.Random(self.seed)
+        self.posterior = BetaBank(*self._priors())
+
+    def _priors(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        raise NotImplementedError
+
+    def _observations(self, round_stats: RoundStats) -> list[tuple[int, bool]]:
+        """(bin, accepted?) for each judged draft position."""
+        return [(0, ok) for ok in judged_positions(round_stats.drafted, round_stats.accepted)]
+
+    def begin(self) -> None:
+        if not self.persist:
+            self.reset()
+
+    def max_draft(self) -> int:
+        return self.max_k
+
+    def update(self, round_stats: RoundStats) -> None:
+        self.posterior.decay(self.discount)
+        for b, accepted in self._observations(round_stats):
+            self.posterior.observe(b, accepted)
+
+
+@define(kw_only=True)
+class StoppingThompson(ThompsonBase):
+    """Beta-TS and Calibration-TS: after each draft, draw θ for its bin, then χ ~ Bernoulli(θ)."""
+
+    resample: str = field(default="token", validator=_one_of(RESAMPLE_CHOICES))  # when θ is drawn
+    round_theta: dict[int, float] = field(init=False, factory=dict, repr=False)  # θ per bin this round
+
+    def reset(self) -> None:
+        super().reset()
+        self.round_theta = {}
+
+    def _bin(self, confidence: float) -> int:
+        return 0
+
+    def theta(self, b: int) -> float:
+        """θ for bin b: a fresh draw, or with resample="round" the round's draw for that bin."""
+        if self.resample == "token":
+            return self.posterior.sample(self.rng, b)
+        if b not in self.round_theta:
+            self.round_theta[b] = self.posterior.sample(self.rng, b)
+        return self.round_theta[b]
+
+    def keep_drafting(self, drafted: int, confidence: float) -> bool:
+        if drafted >= self.max_k:
+            return False
+        return self.rng.random() < self.theta(self._bin(confidence))  # χ ~ Bernoulli(θ)
+
+    def update(self, round_stats: RoundStats) -> None:
+        super().update(round_stats)
+        self.round_theta = {}
+
+
+# ---- Beta-TS ----------------------------------------------------------------------------------
+@define(kw_only=True)
+class BetaThompsonController(StoppingThompson):
+    """Beta-TS (EESD Fig. 2): one Beta(α, β) posterior over the per-token acceptance probability
+    θ. After each draft token draw θ ~ Beta(α, β) and χ ~ Bernoulli(θ); draft on while χ = 1, at
+    most `max_k` tokens. Accepted drafts are successes, the first rejected one a failure, later
+    ones unseen; evidence decays by `discount` per round. See the module docstring for why."""
+
+    prior_alpha: float = field(default=1.0, validator=_number_in(0.0, 1e6, low_open=True))
+    prior_beta: float = field(default=1.0, validator=_number_in(0.0, 1e6, low_open=True))
+
+    def _priors(self):
+        return (float(self.prior_alpha),), (float(self.prior_beta),)
+
+
+# ---- Calibration-TS ---------------------------------------------------------------------------
+@define(kw_only=True)
+class CalibratedThompsonController(StoppingThompson):
+    """Calibration-TS: one Beta posterior per bin of the drafter's confidence (`bins` equal-width
+    bins of [0, 1]). After each draft, θ is drawn from the bin of that draft's confidence, so a
+    confident draft is likely followed by another and a doubtful one ends the round. A bin with
+    midpoint m starts at Beta(s·m, s·(1 − m)), s = `prior_strength` (a calibrated drafter).
+
+    The update uses `RoundStats.confidences`; a drafter that does not fill them is binned by the
+    confidences it passed to `keep_drafting` this round. NaN confidences go to the lowest bin."""
+
+    bins: int = field(default=10, validator=_int_in(1, 1000))
+    prior_strength: float = field(default=2.0, validator=_number_in(0.0, 1e6, low_open=True))
+    seen_confidences: list[float] = field(init=False, factory=list, repr=False)  # this round's
+
+    def _priors(self):
+        middles = [(b + 0.5) / self.bins for b in range(self.bins)]
+        strength = float(self.prior_strength)
+        return tuple(strength * m for m in middles), tuple(strength * (1 - m) for m in middles)
+
+    def _bin(self, confidence: float) -> int:
+        if not confidence == confidence:  # NaN
+            return 0
+        return min(self.bins - 1, max(0, int(confidence * self.bins)))
+
+    def keep_drafting(self, drafted: int, confidence: float) -> bool:
+        self.seen_confidences.append(float(confidence))
+        return super().keep_drafting(drafted, confidence)
+
+    def _observations(self, round_stats: RoundStats) -> list[tuple[int, bool]]:
+        judged = judged_positions(round_stats.drafted, round_stats.accepted)
+        confidences = round_stats.confidences
+        if len(confidences) < len(judged):
+            confidences = self.seen_confidences
+        return [(self._bin(c), ok) for c, ok in zip(confidences, judged)]
+
+    def begin(self) -> None:
+        super().begin()
+        self.seen_confidences = []
+
+    def update(self, round_stats: RoundStats) -> None:
+        super().update(round_stats)
+        self.seen_confidences = []
+
+
+# ---- cost-aware -------------------------------------------------------------------------------
+def expected_tokens(theta: float, k: int) -> float:
+    """Tokens a round drafting k commits on average: 1 + θ + … + θ^k (accepted drafts + 1)."""
+    return float(k + 1) if theta >= 1.0 else (1.0 - theta ** (k + 1)) / (1.0 - theta)
+
+
+def best_length(theta: float, seconds: Sequence[float], min_k: int = 0) -> int:
+    """The k in [min_k, len(seconds) - 1] with the most expected tokens per second, where
+    seconds[k] is a round's cost when drafting k. Ties go to the shorter draft."""
+    best_k, best_rate = min_k, -1.0
+    for k in range(min_k, len(seconds)):
+        rate = expected_tokens(theta, k) / seconds[k]
+        if rate > best_rate * (1 + 1e-9):
+            best_k, best_rate = k, rate
+    return best_k
+
+
+@define(kw_only=True)
+class CostAwareThompsonController(ThompsonBase):
+    """Thompson sampling over the draft length, with measured costs.
+
+    At the start of each round draw θ ~ Beta(α, β) (the same posterior and update as Beta-TS) and
+    draft k = argmax E_θ(k) / T(k) over k in [min_k, max_k], where E_θ(k) = 1 + θ + … + θ^k is
+    the expected tokens committed and T(k) = c·k + v(k) the round's expected seconds: c per draft
+    step, v(k) for verifying k drafts. This is "keep drafting while the expected tokens per
+    second would still rise", made global so a bump in v(k) cannot stop it early.
+
+    c and v(k) are measured (`RoundStats.draft_seconds / drafted` and `verify_seconds`), forgotten
+    by `discount` per round like the posterior, and shrunk toward a prior worth `cost_prior_weight`
+    rounds: v(k) toward `verify_costs[k]` (relative to k = 0; default this CPU's fp32 table) and c
+    toward `draft_cost`, both scaled to seconds by what was measured. So untried lengths are
+    priced by the table's shape and tried ones by their measurements. With min_k = 0 it may
+    decode plainly for a while when drafting does not pay; forgetting widens the posterior again,
+    and then it tries drafting anew. Engine time outside drafting and verifying is not counted.
+    """
+
+    min_k: int = field(default=0, validator=_int_in(0, MAX_DRAFT_CAP))
+    prior_alpha: float = field(default=1.0, validator=_number_in(0.0, 1e6, low_open=True))
+    prior_beta: float = field(default=1.0, validator=_number_in(0.0, 1e6, low_open=True))
+    draft_cost: float = field(default=CPU_DRAFT_COST, validator=_number_in(0.0, 1e6))
+    verify_costs: Sequence[float] | str = field(
+        default=CPU_FP32_VERIFY_COSTS, converter=_parse_costs, validator=_positive_costs
+    )
+    cost_prior_weight: float = field(default=2.0, validator=_number_in(0.0, 1e6, low_open=True))
+    planned: int = field(init=False, default=0)  # k chosen for the current round
+    draft_sums: list[float] = field(init=False, repr=False)  # [seconds, tokens], discounted
+    verify_sums: list[list[float]] = field(init=False, repr=False)  # per k: [seconds, rounds]
+
+    def __attrs_post_init__(self) -> None:
+        if self.min_k > self.max_k:
+            raise ConfigError(f"option 'min_k' ({self.min_k}) must not exceed 'max_k' ({self.max_k})")
+        super().__attrs_post_init__()
+
+    def reset(self) -> None:
+        super().reset()
+        self.planned = self.max_k
+        self.draft_sums = [0.0, 0.0]
+        self.verify_sums = [[0.0, 0.0] for _ in range(self.max_k + 1)]
+
+    def _priors(self):
+        return (float(self.prior_alpha),), (float(self.prior_beta),)
+
+    def prior_verify_cost(self, k: int) -> float:
+        """verify_costs[k], extended past its end with its last slope (flat if one entry)."""
+        costs = self.verify_costs
+        if k < len(costs):
+            return costs[k]
+        slope = costs[-1] - costs[-2] if len(costs) > 1 else 0.0
+        return max(costs[-1], costs[-1] + slope * (k - len(costs) + 1))
+
+    def round_seconds(self) -> list[float]:
+        """T(k) = c·k + v(k) for k = 0..max_k, in seconds (relative units before any measurement)."""
+        measured = sum(s for s, _ in self.verify_sums)
+        units = sum(n * self.prior_verify_cost(k) for k, (_, n) in enumerate(self.verify_sums))
+        scale = measured / units if units > 0 and measured > 0 else 1.0  # seconds per unit
+        weight = self.cost_prior_weight
+        seconds, tokens = self.draft_sums
+        per_draft = (seconds + weight * scale * self.draft_cost) / (tokens + weight)
+        return [
+            per_draft * k + (spent + weight * scale * self.prior_verify_cost(k)) / (rounds + weight)
+            for k, (spent, rounds) in enumerate(self.verify_sums)
+        ]
+
+    def max_draft(self) -> int:
+        theta = self.posterior.sample(self.rng)
+        self.planned = best_length(theta, self.round_seconds(), self.min_k)
+        return self.planned
+
+    def keep_drafting(self, drafted: int, confidence: float) -> bool:
+        return drafted < min(self.planned, self.max_k)
+
+    def update(self, round_stats: RoundStats) -> None:
+        super().update(round_stats)
+        self._measure(round_stats)
+
+    def _measure(self, round_stats: RoundStats) -> None:
+        gamma, k = self.discount, round_stats.drafted
+        self.draft_sums = [gamma * value for value in self.draft_sums]
+        self.verify_sums = [[gamma * s, gamma * n] for s, n in self.verify_sums]
+        if k > 0 and round_stats.draft_seconds > 0:
+            self.draft_sums[0] += round_stats.draft_seconds
+            self.draft_sums[1] += k
+        if k < len(self.verify_sums) and round_stats.verify_seconds > 0:
+            self.verify_sums[k][0] += round_stats.verify_seconds
+            self.verify_sums[k][1] += 1.0
+
