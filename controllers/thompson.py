@@ -214,6 +214,10 @@ class StoppingThompson(ThompsonBase):
         super().reset()
         self.round_theta = {}
 
+    def begin(self) -> None:
+        super().begin()
+        self.round_theta = {}  # a round cut short by the end of the last generation is over
+
     def _bin(self, confidence: float) -> int:
         return 0
 
