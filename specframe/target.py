@@ -92,8 +92,10 @@ class TargetModel:
         self.config = model.config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        self.num_layers = model.config.get_text_config().num_hidden_layers
+        text_config = model.config.get_text_config()
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.vocab_size = head.weight.shape[0] if head is not None else text_config.vocab_size
+        self.num_layers = text_config.num_hidden_layers
         self.layered = is_layered(model) if layered is None else layered
         self.split_layer: int | None = None  # layers [0, split) are "lower", shared with a drafter
         self.reset()

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random Llama models (fast) and the real default model (slow, cached)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+os.environ.setdefault("SPECFRAME_DISABLE_PLUGIN_AUTOLOAD", "1")  # tests opt in to entry points
+torch.set_num_threads(1)  # tiny models are dominated by thread overhead; also fair on shared cores
+
+from specframe.plugins import PluginRegistry  # noqa: E402
+
+
+class StubTokenizer:
+    """Enough of a tokenizer for token-id prompts."""
+
+    eos_token_id = None
+    chat_template = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids)
+
+
+def tiny_llama(vocab_size=64, layers=4, seed=0, init=0.02, hidden=32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, initializer_range=init, eos_token_id=None, bos_token_id=None,
+        pad_token_id=None,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def registry() -> PluginRegistry:
+    return PluginRegistry(autoload=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> LlamaForCausalLM:
+    """Large initialisation so that distributions are peaked and early exits disagree."""
+    return tiny_llama(init=0.3)
+
+
+@pytest.fixture(scope="session")
+def stub_tokenizer() -> StubTokenizer:
+    return StubTokenizer()
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real SmolLM2-135M-Instruct, loaded once per test session."""
+    from specframe.models import load_model
+
+    return load_model()

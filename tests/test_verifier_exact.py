@@ -1,0 +1,185 @@
+"""The speculative-sampling verifier is exact: computed analytically, not by sampling.
+
+We enumerate every path through the *real* `speculative_step`: each uniform comparison branches
+into accept/reject with its exact probability, and each call to `sample(dist)` branches over the
+tokens of `dist`. Drafts are enumerated with their probability under q. Completing every outcome
+with target tokens must give exactly the target's joint distribution.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from specframe.types import Draft
+from specframe.verifiers.greedy import GreedyVerifier
+from specframe.verifiers.speculative import speculative_step
+
+
+class _Branch(Exception):
+    pass
+
+
+class _Script:
+    """Replays a list of choices; records the probability of the path taken."""
+
+    def __init__(self, choices):
+        self.choices, self.position, self.probability, self.options = list(choices), 0, 1.0, None
+
+    def _take(self, options):  # options: list of (value, probability)
+        if self.position == len(self.choices):
+            self.options = options
+            raise _Branch
+        value, probability = options[self.choices[self.position]]
+        self.position += 1
+        self.probability *= probability
+        return value
+
+
+class _Uniform:
+    def __init__(self, script):
+        self.script = script
+
+    def __lt__(self, threshold):
+        t = float(threshold)
+        return self.script._take([(True, t), (False, 1.0 - t)])
+
+
+def enumerate_verdicts(draft_tokens, q, p):
+    """Every (accepted_length, next_token) of speculative_step with its exact probability."""
+    outcomes, stack = {}, [[]]
+    while stack:
+        choices = stack.pop()
+        script = _Script(choices)
+        uniforms = [_Uniform(script)] * draft_tokens.shape[0]
+        sample = lambda dist: script._take([(i, float(x)) for i, x in enumerate(dist)])  # noqa: E731
+        try:
+            verdict = speculative_step(draft_tokens, q, p, uniforms, sample)
+        except _Branch:
+            stack += [choices + [i] for i, (_, prob) in enumerate(script.options) if prob > 0]
+            continue
+        key = (verdict.accepted_length, verdict.next_token)
+        outcomes[key] = outcomes.get(key, 0.0) + script.probability
+    return outcomes
+
+
+def random_table(seed: int, V: int, peaked: bool):
+    """A deterministic prefix -> (V,) distribution, with some exact zeros and ties."""
+    cache = {}
+
+    def dist(prefix):
+        if prefix not in cache:
+            g = torch.Generator().manual_seed(hash((seed, prefix)) % (2**31))
+            logits = torch.randn(V, generator=g, dtype=torch.float64) * (4 if peaked else 1)
+            probs = torch.softmax(logits, 0)
+            probs[torch.rand(V, generator=g) < 0.25] = 0  # exact zeros
+            if probs.sum() == 0:
+                probs[0] = 1
+            cache[prefix] = probs / probs.sum()
+        return cache[prefix]
+
+    return dist
+
+
+def speculative_joint(p_of, q_of, K, V):
+    """Exact distribution of K+1 tokens: one verification round, then completed by the target."""
+    joint = {}
+    for drafts in itertools.product(range(V), repeat=K):
+        q_rows = [q_of(drafts[:i]) for i in range(K)]
+        weight = float(torch.prod(torch.stack([q_rows[i][d] for i, d in enumerate(drafts)]))) if K else 1.0
+        if weight > 0:
+            _add_round(joint, drafts, torch.stack(q_rows) if K else None, weight, p_of, K)
+    return joint
+
+
+def _add_round(joint, drafts, q, weight, p_of, K):
+    p = torch.stack([p_of(drafts[:i]) for i in range(K + 1)])
+    for (a, token), prob in enumerate_verdicts(torch.tensor(drafts, dtype=torch.long), q, p).items():
+        _complete(joint, drafts[:a] + (token,), weight * prob, p_of, K + 1)
+
+
+def _complete(joint, prefix, weight, p_of, length):
+    if len(prefix) == length:
+        joint[prefix] = joint.get(prefix, 0.0) + weight
+        return
+    for token, prob in enumerate(p_of(prefix).tolist()):
+        if prob > 0:
+            _complete(joint, prefix + (token,), weight * prob, p_of, length)
+
+
+def target_joint(p_of, V, length):
+    joint = {}
+    _complete(joint, (), 1.0, p_of, length)
+    return joint
+
+
+def assert_same(a, b):
+    for key in set(a) | set(b):
+        assert a.get(key, 0.0) == pytest.approx(b.get(key, 0.0), abs=1e-9), key
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), V=st.integers(2, 16), peaked=st.booleans())
+def test_single_step_outcome_is_exactly_p(seed, V, peaked):
+    p_of, q_of = random_table(seed, V, peaked), random_table(seed + 1, V, not peaked)
+    assert_same(speculative_joint(p_of, q_of, 1, V), target_joint(p_of, V, 2))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), V=st.integers(2, 5), K=st.integers(2, 3), peaked=st.booleans())
+def test_chain_of_k_drafts_is_exactly_the_target_joint(seed, V, K, peaked):
+    p_of, q_of = random_table(seed, V, peaked), random_table(seed + 7, V, peaked)
+    assert_same(speculative_joint(p_of, q_of, K, V), target_joint(p_of, V, K + 1))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), V=st.integers(2, 6), K=st.integers(1, 3))
+def test_deterministic_drafter_one_hot_q_is_exact(seed, V, K):
+    """A deterministic drafter (q=None, i.e. one-hot) proposing any fixed sequence is exact."""
+    p_of = random_table(seed, V, False)
+    drafts = tuple((seed // (i + 1)) % V for i in range(K))
+    joint = {}
+    _add_round(joint, drafts, None, 1.0, p_of, K)
+    assert_same(joint, target_joint(p_of, V, K + 1))
+
+
+def test_zero_residual_mass_falls_back_to_p():
+    """p == q: every draft is accepted, and a rejection (impossible here) would sample p."""
+    p = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]], dtype=torch.float64)
+    outcomes = enumerate_verdicts(torch.tensor([1]), p[:1].clone(), p)
+    assert sum(outcomes.values()) == pytest.approx(1.0)
+    assert all(a == 1 for a, _ in outcomes)
+
+
+def test_bonus_token_comes_from_the_last_row():
+    p = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    q = torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64)
+    assert enumerate_verdicts(torch.tensor([1]), q, p) == {(1, 2): 1.0}
+
+
+def test_the_exact_check_catches_a_broken_verifier(monkeypatch):
+    """Sampling the correction from p instead of the residual is biased, and the check sees it."""
+    import specframe.verifiers.speculative as module
+
+    monkeypatch.setattr(module, "residual_distribution", lambda p_i, q_i: p_i)
+    p_of, q_of = random_table(3, 4, False), random_table(4, 4, True)
+    with pytest.raises(AssertionError):
+        assert_same(speculative_joint(p_of, q_of, 1, 4), target_joint(p_of, 4, 2))
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 10_000), V=st.integers(2, 16), K=st.integers(0, 6))
+def test_greedy_verifier_accepts_the_longest_argmax_prefix(seed, V, K):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.softmax(torch.randn(K + 1, V, generator=g), -1)
+    drafts = torch.where(torch.rand(K, generator=g) < 0.7, p[:K].argmax(-1), torch.randint(0, V, (K,), generator=g))
+    verdict = GreedyVerifier().verify(drafts, None, p, None)
+    expected = 0
+    while expected < K and drafts[expected] == p[expected].argmax():
+        expected += 1
+    assert verdict.accepted_length == expected
+    assert verdict.next_token == int(p[expected].argmax())
+    assert len(Draft(tokens=drafts)) == K
