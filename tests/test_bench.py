@@ -1,0 +1,295 @@
+"""`specframe bench` on a tiny random Llama: method specs, prompt selection, statistics, resume,
+interrupts and the losslessness check."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from attrs import define
+
+from specframe import bench, plugins
+from specframe.bench import MethodSpec, parse_method, parse_methods, select_prompts, split_methods
+from specframe.bench_report import mean_ci, summarize, t_critical
+from specframe.errors import ConfigError, UnknownComponentError
+from specframe.hookspecs import hookimpl
+from specframe.types import Verdict
+
+WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(61)]  # 64 tokens, eos = 2
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama with a word-level tokenizer, saved like any HF model directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", pad_token="</s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, initializer_range=0.3, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """12 rows: 3 categories of sizes 6, 4 and 2; one multi-turn row."""
+    path = tmp_path_factory.mktemp("data") / "questions.jsonl"
+    rows = []
+    for category, count in (("alpha", 6), ("beta", 4), ("gamma", 2)):
+        for i in range(count):
+            turns = [" ".join(f"w{(7 * i + j + len(rows)) % 61}" for j in range(5 + i))]
+            rows.append({"question_id": len(rows) + 1, "category": category, "turns": turns})
+    rows[0]["turns"].append("w1 w2 second turn is ignored")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def bench_args(*argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args([str(a) for a in argv])
+
+
+def run_bench(model_dir, dataset, out, *extra) -> int:
+    args = bench_args("--model", model_dir, "--device", "cpu", "--dataset", dataset, "--max-new-tokens", 8,
+                      "--out", out, "--no-progress", *extra)
+    return bench.run(args)
+
+
+def read_results(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+# ---- method specs -----------------------------------------------------------------------------
+def test_split_methods_keeps_options_with_their_method():
+    assert split_methods("hf, early_exit+fixed:k=3,max_k=8 ,ngram+heuristic") == [
+        "hf", "early_exit+fixed:k=3,max_k=8", "ngram+heuristic"]
+
+
+def test_parse_hugging_face_methods():
+    assert parse_method("hf") == MethodSpec("hf", "hf")
+    assert parse_method("hf-early-exit") == MethodSpec("hf-early-exit:4", "hf-early-exit", hf_param=4)
+    assert parse_method("hf-prompt-lookup:7").hf_param == 7
+    assert parse_method("hf-assisted").kind == "hf-assisted"
+    assert parse_method("specframe") == MethodSpec("specframe", "specframe")
+
+
+def test_parse_specframe_methods_canonical_labels(registry):
+    method = parse_method("ngram:min_ngram=2,max_ngram=4+fixed:k=3", registry)
+    assert (method.drafter, method.controller, method.verifier) == ("ngram", "fixed", "auto")
+    assert method.label == "ngram:max_ngram=4,min_ngram=2+fixed:k=3"
+    assert method.options_of("drafter") == {"max_ngram": "4", "min_ngram": "2"}
+    assert parse_method("ngram+heuristic+auto", registry).label == "ngram+heuristic"
+    assert parse_method("self_exit:layer=2+confidence+greedy", registry).verifier == "greedy"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("", "empty entry"),
+    ("hf-early-exit:x", "whole number"),
+    ("hf-prompt-lookup:0", "whole number"),
+    ("hf:3", "takes no parameter"),
+    ("hf-turbo", "unknown Hugging Face method"),
+    ("ngram", "names one part"),
+    ("ngram+fixed+greedy+auto", "at most"),
+    ("ngram+fixed:k", "key=value"),
+    ("ngram+fixed:", "no key=value"),
+    ("ngram+fixed:kk=3", "no option 'kk'"),
+    ("ngram+fixed:k=three", "must be int"),
+    ("ngr@m+fixed", "not a name"),
+])
+def test_bad_method_specs_say_what_is_wrong(registry, spec, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_method(spec, registry)
+
+
+def test_unknown_part_lists_what_exists(registry):
+    with pytest.raises(UnknownComponentError, match="available drafters: .*ngram"):
+        parse_method("nope+fixed", registry)
+    with pytest.raises(UnknownComponentError, match="available controllers: .*heuristic"):
+        parse_method("ngram+nope", registry)
+
+
+def test_duplicate_methods_are_an_error(registry):
+    with pytest.raises(ConfigError, match="listed twice"):
+        parse_methods("hf,ngram+fixed,ngram+fixed+auto", registry)
+
+
+# ---- prompts ----------------------------------------------------------------------------------
+def test_stratified_limit_gives_every_category_a_turn(dataset):
+    prompts = bench.load_spec_bench(dataset)
+    assert prompts[0].text.startswith("w") and "second turn" not in prompts[0].text
+    chosen = select_prompts(prompts, None, 7)
+    counts = {c: sum(p.category == c for p in chosen) for c in ("alpha", "beta", "gamma")}
+    assert counts == {"alpha": 3, "beta": 2, "gamma": 2}
+    chosen = select_prompts(prompts, None, 11)  # gamma is exhausted at 2; the rest share the remainder
+    assert {c: sum(p.category == c for p in chosen) for c in ("alpha", "beta", "gamma")} == {
+        "alpha": 5, "beta": 4, "gamma": 2}
+    alpha = [p.id for p in select_prompts(prompts, ["alpha"], 3)]
+    assert alpha == ["1", "3", "5"]  # spread over the category, in file order
+    assert select_prompts(prompts, None, None) == prompts
+    with pytest.raises(ConfigError, match="unknown categories"):
+        select_prompts(prompts, ["delta"], None)
+
+
+def test_bad_dataset_row_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question_id": 1, "category": "a", "turns": ["x"]}\n{"category": "a"}\n')
+    with pytest.raises(ConfigError, match="bad.jsonl:2"):
+        bench.load_spec_bench(path)
+
+
+# ---- statistics -------------------------------------------------------------------------------
+def test_confidence_interval():
+    result = mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert result["mean"] == 3.0 and result["n"] == 5
+    assert result["ci"] == pytest.approx(2.776 * 1.5811388 / 5 ** 0.5, rel=1e-4)
+    assert mean_ci([2.0]) == {"mean": 2.0, "ci": None, "n": 1}
+    assert mean_ci([])["mean"] is None
+    assert t_critical(1) == 12.706 and t_critical(30) == 2.042
+    assert 2.000 < t_critical(50) < 2.021 and 1.96 < t_critical(10_000) < 1.961
+
+
+def _record(prompt, method, tokens, tps, repeat=0):
+    return {"prompt_id": prompt, "method": method, "repeat": repeat, "tokens": tokens, "new_tokens": len(tokens),
+            "seconds": len(tokens) / tps, "tokens_per_second": tps, "stats": None}
+
+
+def test_summary_speedup_is_mean_of_per_prompt_ratios_and_counts_mismatches():
+    records = [_record("1", "hf", [1, 2, 3], 10.0), _record("1", "x", [1, 2, 3], 20.0),
+               _record("2", "hf", [4, 5], 10.0), _record("2", "x", [4, 6], 10.0),
+               {"prompt_id": "2", "method": "x", "repeat": 0, "error": "RuntimeError: boom"}]
+    summary = summarize(records, ["hf", "x"], "hf", {"1": "a", "2": "b"}, greedy=True)
+    x = summary["methods"]["x"]
+    assert x["speedup"]["mean"] == pytest.approx(1.5) and x["speedup"]["n"] == 2
+    assert (x["mismatches"], x["compared"], x["errors"]) == (1, 2, 1)
+    assert x["mismatch_examples"][0] == {"prompt_id": "2", "repeat": 0, "first_difference": 1, "lengths": [2, 2]}
+    assert x["by_category"]["a"]["speedup"]["mean"] == pytest.approx(2.0)
+    assert summary["methods"]["hf"]["mismatches"] is None  # the baseline is not compared with itself
+    sampled = summarize(records, ["hf", "x"], "hf", {"1": "a", "2": "b"}, greedy=False)
+    assert sampled["methods"]["x"]["mismatches"] is None
+
+
+# ---- end to end -------------------------------------------------------------------------------
+METHODS = "hf,hf-early-exit:2,hf-prompt-lookup:3,specframe,ngram+heuristic,self_exit:layer=2+fixed:k=2"
+
+
+def test_bench_end_to_end_is_lossless_and_writes_reports(model_dir, dataset, tmp_path):
+    out = tmp_path / "out"
+    assert run_bench(model_dir, dataset, out, "--limit", 4, "--methods", METHODS) == 0
+    records = read_results(out)
+    assert len(records) == 4 * 6 and not any(r.get("error") for r in records)
+    assert {r["category"] for r in records} == {"alpha", "beta", "gamma"}
+    orders = [tuple(r["method"] for r in records[i:i + 6]) for i in range(0, 24, 6)]
+    assert len(set(orders)) == 4  # the method order rotates from prompt to prompt
+    summary = json.loads((out / "summary.json").read_text())
+    for label, method in summary["methods"].items():
+        assert method["mismatches"] in (None, 0), (label, method["mismatch_examples"])
+    spec = summary["methods"]["ngram+heuristic"]
+    assert spec["mean_accepted_length"] >= 1.0 and spec["position_accepts"]
+    assert summary["methods"]["self_exit:layer=2+fixed:k=2"]["draft_length_histogram"]["2"] > 0
+    text = (out / "summary.md").read_text()
+    assert "## Speedup by category" in text and "greedy mismatches" in text and "All identical" in text
+    if bench_plots_available():
+        assert (out / "speedup_by_category.png").stat().st_size > 0
+        assert (out / "acceptance_by_position.png").exists() and (out / "draft_lengths.png").exists()
+
+
+def bench_plots_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_results_exist_needs_resume_or_overwrite(model_dir, dataset, tmp_path):
+    out = tmp_path / "out"
+    assert run_bench(model_dir, dataset, out, "--limit", 1, "--methods", "hf,specframe", "--no-plots") == 0
+    with pytest.raises(ConfigError, match="--resume"):
+        run_bench(model_dir, dataset, out, "--limit", 1, "--methods", "hf,specframe")
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        bench.run(bench_args("--model", model_dir, "--device", "cpu", "--dataset", dataset, "--max-new-tokens", 9,
+                             "--out", out, "--no-progress", "--limit", 1, "--methods", "hf", "--resume"))
+    assert run_bench(model_dir, dataset, out, "--limit", 1, "--methods", "hf", "--overwrite", "--no-plots") == 0
+    assert len(read_results(out)) == 1
+
+
+def test_interrupt_keeps_finished_records_and_resume_completes(model_dir, dataset, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real_run_one, calls = bench.Bench.run_one, []
+
+    def interrupted_run_one(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_run_one(self, *args, **kwargs)
+
+    monkeypatch.setattr(bench.Bench, "run_one", interrupted_run_one)
+    assert run_bench(model_dir, dataset, out, "--limit", 3, "--methods", "hf,ngram+fixed", "--no-plots") == 130
+    assert len(read_results(out)) == 3
+    assert "## Overall" in (out / "summary.md").read_text()
+    monkeypatch.setattr(bench.Bench, "run_one", real_run_one)
+    # a torn last line (killed mid-write) is skipped, and resume may add a method
+    with (out / "results.jsonl").open("a") as handle:
+        handle.write('{"prompt_id": "1", "meth')
+    assert run_bench(model_dir, dataset, out, "--limit", 3, "--methods", "hf,ngram+fixed,specframe",
+                     "--resume", "--no-plots") == 0
+    records = [r for r in bench.ResultsFile(out / "results.jsonl").read()]
+    keys = [bench.record_key(r) for r in records]
+    assert len(keys) == len(set(keys)) == 3 * 3
+
+
+@define
+class AcceptEverythingVerifier:
+    """Deliberately broken: keeps every draft whatever the target says (and claims to be lossless)."""
+
+    lossless = True
+
+    def verify(self, draft_tokens, q, p, sampler):
+        return Verdict(len(draft_tokens), int(p[-1].argmax()))
+
+
+class BrokenPlugin:
+    @staticmethod
+    @hookimpl
+    def register_verifiers(register):
+        register("accept_all", AcceptEverythingVerifier, "broken on purpose")
+
+
+def test_losslessness_check_counts_a_broken_method(model_dir, dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(plugins, "_default_registry", plugins.PluginRegistry(autoload=False,
+                                                                             extra_plugins=[BrokenPlugin]))
+    out = tmp_path / "out"
+    code = run_bench(model_dir, dataset, out, "--limit", 6, "--max-new-tokens", 24, "--no-plots",
+                     "--methods", "hf,self_exit:layer=1+fixed:k=4+accept_all", "--fail-on-mismatch")
+    summary = json.loads((out / "summary.json").read_text())
+    broken = summary["methods"]["self_exit:layer=1+fixed:k=4+accept_all"]
+    assert broken["compared"] == 6 and broken["mismatches"] > 0
+    assert code == 3
+    assert "generations differ" in (out / "summary.md").read_text()
+
+
+def test_sampled_run_and_hf_assisted(model_dir, dataset, tmp_path):
+    out = tmp_path / "out"
+    assert run_bench(model_dir, dataset, out, "--limit", 2, "--temperature", 1.0, "--top-k", 20, "--no-plots",
+                     "--methods", "hf,hf-assisted,draft_model+fixed:k=2", "--assistant-model", model_dir,
+                     "--repeats", 2) == 0
+    records = read_results(out)
+    assert len(records) == 2 * 3 * 2 and all(r["new_tokens"] > 0 for r in records)
+    assert "not compared" in (out / "summary.md").read_text()
+
+
+def test_hf_assisted_without_assistant_is_an_error(model_dir, dataset, tmp_path):
+    with pytest.raises(ConfigError, match="--assistant-model"):
+        run_bench(model_dir, dataset, tmp_path / "out", "--methods", "hf,hf-assisted")
