@@ -127,11 +127,14 @@ def cmd_run(args) -> int:
     from .decoder import SpeculativeDecoder
 
     prompt = _read_prompt(args.prompt)
+    controller_options = parse_options(args.controller_opt, "controller")
+    if args.seed is not None and "seed" in _option_names("controller", args.controller):
+        controller_options.setdefault("seed", str(args.seed))
     decoder = SpeculativeDecoder.from_pretrained(
         args.model, device=args.device, dtype=args.dtype,
         drafter=args.drafter, controller=args.controller, verifier=args.verifier,
         drafter_options=parse_options(args.drafter_opt, "drafter"),
-        controller_options=parse_options(args.controller_opt, "controller"),
+        controller_options=controller_options,
         verifier_options=parse_options(args.verifier_opt, "verifier"), on_error=args.on_error,
     )
     if not decoder.lossless:
@@ -158,6 +161,15 @@ def cmd_run(args) -> int:
         if not args.quiet:
             print(format_stats(result, args), file=sys.stderr)
     return 130 if interrupted else 0
+
+
+def _option_names(kind: str, name: str) -> set[str]:
+    import attrs
+
+    from .plugins import get_registry
+
+    factory = get_registry().get(kind, name).factory
+    return {f.name for f in attrs.fields(factory)} if attrs.has(factory) else set()
 
 
 def format_stats(result, args) -> str:
@@ -218,7 +230,8 @@ def _add_lazy(commands, name: str, module: str, help_text: str) -> None:
     """Subcommands whose module provides add_arguments(parser) and run(args) -> int."""
     try:
         target = importlib.import_module(module)
-    except ImportError as exc:
+        target.add_arguments, target.run  # noqa: B018 - both must exist
+    except Exception as exc:  # a half-written or broken module must not break the other commands
         broken = commands.add_parser(name, help=f"{help_text} (unavailable: {exc})")
         broken.set_defaults(handler=lambda args, exc=exc: _unavailable(name, exc))
         return

@@ -76,10 +76,9 @@ def generate_tokens(
     # 1. Prefill the prompt in one pass; the first new token comes from its last position.
     target.reset()
     first = sampler.sample(sampler.probs(target.forward(torch.tensor(prompt_ids))[-1:])[0])
-    context, finish = list(prompt_ids), None
     committed, finish = _commit([first], eos_token_ids, max_new_tokens)
-    context += committed
-    recorder.add(RoundStats(0, 0), len(committed))
+    context = list(prompt_ids) + committed
+    recorder.new_tokens += len(committed)
     yield committed
     drafter = _begin_parts(parts, context, sampler, on_error, recorder)
     while finish is None:

@@ -102,8 +102,11 @@ class GenerationStats:
 
     @property
     def mean_accepted_length(self) -> float:
-        """Tokens committed per round, counting the target's own token (as Spec-Bench does)."""
-        return self.new_tokens / self.rounds if self.rounds else 0.0
+        """Tokens committed per round, counting the target's own token (as Spec-Bench does).
+
+        The first new token comes from the prefill pass, which is not a round.
+        """
+        return (self.new_tokens - 1) / self.rounds if self.rounds else 0.0
 
     @property
     def tokens_per_second(self) -> float:
