@@ -293,3 +293,26 @@ def test_sampled_run_and_hf_assisted(model_dir, dataset, tmp_path):
 def test_hf_assisted_without_assistant_is_an_error(model_dir, dataset, tmp_path):
     with pytest.raises(ConfigError, match="--assistant-model"):
         run_bench(model_dir, dataset, tmp_path / "out", "--methods", "hf,hf-assisted")
+
+
+def test_without_matplotlib_plots_are_skipped_with_a_message(model_dir, dataset, tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    monkeypatch.delitem(sys.modules, "specframe.bench_plots", raising=False)
+    out = tmp_path / "out"
+    assert run_bench(model_dir, dataset, out, "--limit", 1, "--methods", "hf,ngram+fixed") == 0
+    assert "specframe[bench]" in capsys.readouterr().err
+    assert "Plots skipped" in (out / "summary.md").read_text() and not list(out.glob("*.png"))
+
+
+def test_cli_subcommand(model_dir, dataset, tmp_path, capsys):
+    from specframe.cli import main
+
+    out = tmp_path / "out"
+    code = main(["bench", "--model", str(model_dir), "--device", "cpu", "--dataset", str(dataset), "--limit", "1",
+                 "--max-new-tokens", "4", "--methods", "specframe", "--out", str(out), "--no-progress", "--no-plots"])
+    assert code == 0 and "## Overall" in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["methods"] == ["hf", "specframe"]  # baseline added
+    assert main(["bench", "--dataset", str(dataset), "--methods", "ngram", "--out", str(out)]) == 2
+    assert "names one part" in capsys.readouterr().err
