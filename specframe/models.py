@@ -83,12 +83,23 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.float32  # bf16 is opt-in: it is only lossless against bf16 decoding
+        return torch.bfloat16 if _fast_bf16(device) else torch.float32
     table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
     if dtype not in table:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of auto, fp32, bf16, fp16")
     return table[dtype]
+
+
+def _fast_bf16(device: torch.device) -> bool:
+    """bf16 pays on a GPU and on CPUs with bf16 matrix units (AMX or AVX512-BF16)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
