@@ -1,0 +1,99 @@
+"""EESD's drafter: the target's own first N layers, then a trained early-exit head.
+
+Liu et al., "Speculative Decoding via Early-exiting for Faster LLM Inference with Thompson
+Sampling Control Mechanism", Findings of ACL 2024 (arXiv 2406.03853).
+
+Each draft token runs the target's layers [0, N) once (`TargetModel.lower`); verification then
+reuses their KV cache and activations and runs only layers N..L-1 for it. The head (one decoder
+layer + norm + the frozen tied LM head, see `specframe.heads`) keeps its own KV cache: filled
+for the prompt from the split-layer states, extended with every drafted token, rolled back with
+the target's, and caught up from the target's stored split-layer states for tokens that
+verification lowered itself (the bonus or correction token).
+"""
+
+from __future__ import annotations
+
+import torch
+from attrs import define, field, validators as v
+
+from specframe.errors import SpecframeError
+from specframe.interfaces import Drafter
+from specframe.types import Draft
+
+from .self_exit import draft_with
+
+
+@define
+class EarlyExitDrafter(Drafter):
+    """Draft with the target's first N layers and a trained head (N is stored in the head)."""
+
+    head: str | None = field(default=None, validator=v.optional(v.instance_of(str)))  # path; None = shipped
+    target: object = field(default=None, init=False, repr=False)
+    model: object = field(default=None, init=False, repr=False)  # the head (an EarlyExitHead)
+    _loaded_for: int | None = field(default=None, init=False, repr=False)
+
+    def begin(self, target, prompt_ids, sampler) -> None:
+        if not target.layered:
+            raise SpecframeError(f"{type(target.model).__name__} is not a Llama-style decoder, so the early_exit "
+                                 "drafter cannot split it; use a drafter such as 'ngram' or 'draft_model'")
+        self._load(target)
+        layer = self.model.exit_layer
+        split_during_prefill = target.split_layer == layer and target.split_hidden is not None
+        target.enable_split(layer)
+        self.target = target
+        self.model.reset_cache()
+        if prompt_ids:
+            prompt_hidden = (target.hidden_at_split(0, len(prompt_ids)) if split_during_prefill
+                             else lower_states(target, prompt_ids, layer))
+            self.model.extend(prompt_hidden, logits=False)
+
+    def propose(self, context, max_tokens, controller, sampler) -> Draft:
+        committed = len(context) - 1  # context[-1] is pending: not yet run through the model
+        if self.model.length < committed:  # tokens that verification lowered (bonus/correction)
+            self.model.extend(self.target.hidden_at_split(self.model.length, committed), logits=False)
+        return draft_with(self._step, context[-1], max_tokens, controller, sampler)
+
+    @torch.inference_mode()
+    def _step(self, token: int) -> torch.Tensor:
+        hidden = self.target.lower(torch.tensor([token]))  # (1, C) after layer N
+        logits = self.model.extend(hidden)  # (1, R)
+        return self.model.to_full_vocab(logits)[0].float()  # (V,), -inf outside a reduced vocabulary
+
+    def rollback(self, valid_length: int) -> None:
+        if self.model is not None:
+            self.model.rollback(valid_length)
+
+    def _load(self, target) -> None:
+        if self._loaded_for == id(target.model):
+            return
+        from specframe.heads import EarlyExitHead, shipped_head_path
+
+        path = self.head or shipped_head_path(target.model)
+        if path is None:
+            raise SpecframeError(
+                "no early-exit head ships for this model; train one with `specframe train early-exit --model PATH "
+                "--output HEAD.safetensors` and pass `--drafter-opt head=HEAD.safetensors`"
+            )
+        self.model = EarlyExitHead.from_pretrained(path, target.model)
+        self._loaded_for = id(target.model)
+
+
+@torch.inference_mode()
+def lower_states(target, ids: list[int], layer: int) -> torch.Tensor:
+    """(T, C) states after layer N of `ids` at positions 0.., computed aside (no shared cache).
+
+    Used when the target prefilled the prompt before the split was enabled.
+    """
+    from specframe.heads import _causal_mask
+    from specframe.target import KVCache
+
+    inner = target.model.model
+    x = inner.embed_tokens(torch.tensor(ids, device=target.device)[None])  # (1, T, C)
+    position_ids = torch.arange(len(ids), device=target.device)[None]
+    rope = inner.rotary_emb(x, position_ids=position_ids)
+    mask = _causal_mask(len(ids), 0, target.device)
+    scratch = KVCache()
+    for block in inner.layers[:layer]:
+        x = block(x, attention_mask=mask, position_ids=position_ids, cache=scratch, use_cache=True,
+                  position_embeddings=rope)
+    return x[0]

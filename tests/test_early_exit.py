@@ -1,0 +1,123 @@
+"""The early_exit drafter (EESD): lossless greedy and sampled decoding with a trained head.
+
+A tiny random Llama gets a head trained in the test (seconds); the real default model uses the
+shipped head.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specframe import SpeculativeDecoder
+from specframe.train import DistillSet, default_args, evaluate, train_head
+
+from .conftest import tiny_llama
+from .test_lossless_sampling import PROMPT, SAMPLES, chi_square_p_value, exact_distribution, sample_counts
+
+EXIT_LAYER = 2
+
+
+def greedy_sequences(model, count: int, prompt_length: int, new_tokens: int, seed: int = 0) -> list[list[int]]:
+    """The model's own greedy continuations of random prompts (on-distribution training data)."""
+    generator = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, model.config.vocab_size, (count, prompt_length), generator=generator)
+    out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False)
+    return out.tolist()
+
+
+def train_tiny_head(model, layer: int = EXIT_LAYER, steps_epochs: int = 6, reduced_vocab: int = 0):
+    """A head trained by self-distillation on the model's own greedy outputs, in a few seconds."""
+    sequences = greedy_sequences(model, 96, 6, 24)
+    data = DistillSet.from_model(model, sequences, layer, prompt_lengths=[6] * len(sequences), top_k=16)
+    args = default_args(layer=layer, epochs=steps_epochs, lr=3e-3, tokens_per_batch=512, eval_points=0,
+                        loss="kl+ce")
+    vocab_ids = None
+    if reduced_vocab:
+        from specframe.train import reduced_vocabulary
+
+        vocab_ids = reduced_vocabulary([data], reduced_vocab, [], model.config.vocab_size)
+    head, _, vocab_map = train_head(model, data, None, args, vocab_ids, lambda message: None)
+    return head, data, vocab_map
+
+
+@pytest.fixture(scope="module")
+def tiny_head_path(tmp_path_factory, tiny_model):
+    head, _, _ = train_tiny_head(tiny_model)
+    return str(head.save_pretrained(tmp_path_factory.mktemp("head") / "tiny.safetensors", training_command="test"))
+
+
+def test_training_raises_agreement_above_the_untrained_exit(tiny_model):
+    head, data, vocab_map = train_tiny_head(tiny_model)
+    trained = evaluate(head, data, vocab_map, torch.device("cpu"))["answer_acceptance"]
+    untrained, _, _ = train_tiny_head(tiny_model, steps_epochs=0)
+    baseline = evaluate(untrained, data, None, torch.device("cpu"))["answer_acceptance"]
+    assert trained > baseline + 0.1, (trained, baseline)
+
+
+@pytest.mark.parametrize("controller", ["fixed", "thompson", "thompson_calibrated", "thompson_cost"])
+def test_greedy_equality_on_a_tiny_model(tiny_model, stub_tokenizer, registry, tiny_head_path, controller):
+    if controller not in registry.names("controller"):
+        pytest.skip(f"controller {controller} is not registered")
+    for prompt, max_new in (([5, 9, 2, 33, 5, 9], 40), ([1], 17), (list(range(3, 40)), 25)):
+        expected = tiny_model.generate(torch.tensor([prompt]), max_new_tokens=max_new, min_new_tokens=max_new,
+                                       do_sample=False)[0, len(prompt):].tolist()
+        decoder = SpeculativeDecoder(tiny_model, stub_tokenizer, drafter="early_exit", controller=controller,
+                                     drafter_options={"head": tiny_head_path}, registry=registry)
+        for _ in range(2):  # the second generation reuses the split set up by the first
+            result = decoder.generate(prompt, max_new_tokens=max_new)
+            assert result.tokens == expected, f"early_exit+{controller} differs from plain greedy"
+        if controller == "fixed":  # the cost-aware controller may rightly decide not to draft
+            assert result.stats.accepted > 0, "the trained head never had a draft accepted"
+
+
+def test_greedy_equality_with_a_reduced_vocabulary(tiny_model, stub_tokenizer, registry, tmp_path):
+    head, _, _ = train_tiny_head(tiny_model, reduced_vocab=24)
+    path = str(head.save_pretrained(tmp_path / "reduced.safetensors"))
+    prompt = [5, 9, 2, 33, 5, 9]
+    expected = tiny_model.generate(torch.tensor([prompt]), max_new_tokens=40, min_new_tokens=40,
+                                   do_sample=False)[0, len(prompt):].tolist()
+    decoder = SpeculativeDecoder(tiny_model, stub_tokenizer, drafter="early_exit", controller="fixed",
+                                 controller_options={"k": 4}, drafter_options={"head": path}, registry=registry)
+    assert decoder.generate(prompt, max_new_tokens=40).tokens == expected
+
+
+@pytest.fixture(scope="module")
+def toy_head_path(tmp_path_factory):
+    from .test_lossless_sampling import V  # noqa: F401  (the toy's vocabulary)
+
+    toy = tiny_llama(vocab_size=4, layers=2, hidden=16, seed=3, init=0.6)
+    head, _, _ = train_tiny_head(toy, layer=1, steps_epochs=2)
+    return str(head.save_pretrained(tmp_path_factory.mktemp("toyhead") / "toy.safetensors"))
+
+
+@pytest.mark.parametrize("full_vocab", [True, False])
+def test_speculative_sampling_with_early_exit_matches_the_exact_distribution(toy_head_path, full_vocab, tmp_path):
+    from specframe.heads import EarlyExitHead
+    from specframe.plugins import PluginRegistry
+    from specframe.types import SamplingConfig
+
+    toy = tiny_llama(vocab_size=4, layers=2, hidden=16, seed=3, init=0.6)
+    path = toy_head_path
+    if not full_vocab:  # q is zero outside a 3-token vocabulary: still exact
+        head = EarlyExitHead.from_pretrained(toy_head_path, toy)
+        head.vocab_ids = torch.tensor([0, 1, 3])
+        path = str(head.save_pretrained(tmp_path / "reduced.safetensors"))
+    config = SamplingConfig(temperature=1.0)
+    registry = PluginRegistry(autoload=False)
+    counts = sample_counts(toy, registry, "early_exit", "speculative", config, {"head": path})
+    assert chi_square_p_value(counts, exact_distribution(toy, config), SAMPLES) > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("controller", ["thompson", "fixed"])
+def test_default_model_greedy_equality_with_the_shipped_head(default_model, controller, registry):
+    model, tokenizer = default_model
+    prompts = ["Write a haiku about the sea.", "Explain what a hash table is."]
+    for text in prompts:
+        decoder = SpeculativeDecoder(model, tokenizer, drafter=None, controller="fixed", registry=registry)
+        expected = decoder.generate(text, max_new_tokens=48).tokens
+        decoder = SpeculativeDecoder(model, tokenizer, drafter="early_exit", controller=controller, registry=registry)
+        result = decoder.generate(text, max_new_tokens=48)
+        assert result.tokens == expected, f"early_exit+{controller} differs from plain greedy on {text!r}"
