@@ -1,6 +1,14 @@
-"""Contract checks the engine runs on every part's output before it can change the text."""
+"""Contract checks the engine runs on every part's output before it can change the text.
+
+Each check raises `PluginContractError(plugin, rule, detail, part)`: `plugin` is the plugin that
+registered the part, `rule` the broken rule in words, `part` the part ("drafter 'ngram'").
+The conformance kit (`specframe.testing`) runs the same checks. Shapes: K drafts, V vocabulary.
+"""
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 
@@ -8,54 +16,91 @@ from .errors import PluginContractError
 from .types import Draft, Verdict
 
 Q_SUM_TOLERANCE = 1e-3
+MAX_DRAFT_LENGTH = 1024  # a controller asking for more drafts than this in one round is broken
 
 
-def clamp_draft_budget(asked, budget: int, plugin: str) -> int:
-    """A controller's max_draft must be an int >= 0; the engine then caps it at `budget`."""
-    if isinstance(asked, bool) or not isinstance(asked, int) or asked < 0:
-        raise PluginContractError(plugin, "max_draft() returns an int >= 0", f"got {asked!r}")
-    return min(asked, budget)
+def is_int(value) -> bool:
+    """A true integer (Python or NumPy), not a bool, a float or a tensor."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_draft(draft: Draft, budget: int, vocab_size: int, plugin: str) -> None:
-    """Shapes, token range and, when given, that q is a distribution the tokens could come from."""
+def clamp_draft_budget(asked, budget: int, plugin: str, part: str | None = None) -> int:
+    """A controller's max_draft must be an int in [0, MAX_DRAFT_LENGTH]; the engine caps it at `budget`."""
+    if not is_int(asked) or not 0 <= asked <= MAX_DRAFT_LENGTH:
+        raise PluginContractError(plugin, f"max_draft() returns an int in [0, {MAX_DRAFT_LENGTH}]",
+                                  f"got {asked!r} ({type(asked).__name__})", part)
+    return min(int(asked), budget)
+
+
+def check_draft(draft: Draft, budget: int, vocab_size: int, plugin: str, part: str | None = None) -> None:
+    """Shapes, token range, confidences and, when given, that q is a distribution the tokens could come from."""
     if not isinstance(draft, Draft):
-        raise PluginContractError(plugin, "propose() returns a specframe.Draft", f"got {type(draft).__name__}")
+        raise PluginContractError(plugin, "propose() returns a specframe.Draft", f"got {type(draft).__name__}", part)
     tokens = draft.tokens
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype != torch.long:
-        raise PluginContractError(plugin, "draft tokens are a 1-D int64 tensor (K,)", _describe(tokens))
+        raise PluginContractError(plugin, "draft tokens are a 1-D int64 tensor (K,)", _describe(tokens), part)
     K = tokens.shape[0]
     if K > budget:
-        raise PluginContractError(plugin, "at most max_tokens drafts", f"drafted {K}, asked for at most {budget}")
+        raise PluginContractError(plugin, "at most max_tokens drafts", f"drafted {K}, asked for at most {budget}", part)
     if K and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
-        raise PluginContractError(plugin, f"draft tokens lie in [0, {vocab_size})", f"got {tokens.tolist()}")
+        raise PluginContractError(plugin, f"draft tokens lie in [0, {vocab_size})", f"got {tokens.tolist()}", part)
+    _check_confidences(draft.confidences, K, plugin, part)
     if draft.q is not None:
-        _check_q(draft.q, tokens, vocab_size, plugin)
+        _check_q(draft.q, tokens, vocab_size, plugin, part)
 
 
-def _check_q(q, tokens: torch.Tensor, vocab_size: int, plugin: str) -> None:
+def _check_confidences(confidences, K: int, plugin: str, part: str | None) -> None:
+    rule = "confidences hold one number in [0, 1] per draft token (or none)"
+    try:
+        values = [float(c) for c in confidences]
+    except (TypeError, ValueError):
+        raise PluginContractError(plugin, rule, f"got {confidences!r}", part) from None
+    if len(values) not in (0, K) or not all(0.0 <= c <= 1.0 for c in values):  # NaN fails too
+        raise PluginContractError(plugin, rule, f"{K} tokens, confidences {values}", part)
+
+
+def _check_q(q, tokens: torch.Tensor, vocab_size: int, plugin: str, part: str | None) -> None:
     K = tokens.shape[0]
-    if not isinstance(q, torch.Tensor) or tuple(q.shape) != (K, vocab_size):
-        raise PluginContractError(plugin, f"q has shape (K, V) = ({K}, {vocab_size})", _describe(q))
+    if not isinstance(q, torch.Tensor) or tuple(q.shape) != (K, vocab_size) or not q.is_floating_point():
+        raise PluginContractError(plugin, f"q is a float tensor of shape (K, V) = ({K}, {vocab_size})", _describe(q), part)
     if not torch.isfinite(q).all() or (q < 0).any():
-        raise PluginContractError(plugin, "q holds finite, non-negative probabilities", "found NaN, inf or < 0")
+        raise PluginContractError(plugin, "q holds finite, non-negative probabilities", "found NaN, inf or < 0", part)
     sums = q.sum(-1)
     if ((sums - 1).abs() > Q_SUM_TOLERANCE).any():
-        raise PluginContractError(plugin, "each row of q sums to 1", f"row sums {sums.tolist()}")
-    if K and (q[torch.arange(K), tokens] <= 0).any():
-        raise PluginContractError(plugin, "each draft token has q > 0 (it was sampled from q)", f"tokens {tokens.tolist()}")
+        raise PluginContractError(plugin, "each row of q sums to 1", f"row sums {sums.tolist()}", part)
+    if K and (q[torch.arange(K), tokens.to(q.device)] <= 0).any():
+        raise PluginContractError(plugin, "each draft token has q > 0 (it was sampled from q)",
+                                  f"tokens {tokens.tolist()}", part)
 
 
-def check_verdict(verdict: Verdict, drafted: int, vocab_size: int, plugin: str) -> None:
+def check_verdict(verdict: Verdict, drafted: int, vocab_size: int, plugin: str, part: str | None = None,
+                  draft_tokens: torch.Tensor | None = None, p: torch.Tensor | None = None) -> None:
+    """Ranges and types; with `draft_tokens` and `p` (K+1, V), also that the target can produce
+    every token the verdict commits (p > 0), which any lossless verifier guarantees: at
+    temperature 0 p is one-hot, so this pins a lossless verdict down exactly."""
     if not isinstance(verdict, Verdict):
-        raise PluginContractError(plugin, "verify() returns a specframe.Verdict", f"got {type(verdict).__name__}")
-    if verdict.accepted_length > drafted:
-        raise PluginContractError(plugin, "accept at most the drafted tokens", f"accepted {verdict.accepted_length} of {drafted}")
-    if verdict.next_token >= vocab_size:
-        raise PluginContractError(plugin, f"next token lies in [0, {vocab_size})", f"got {verdict.next_token}")
+        raise PluginContractError(plugin, "verify() returns a specframe.Verdict", f"got {type(verdict).__name__}", part)
+    accepted, token = verdict.accepted_length, verdict.next_token
+    if not is_int(accepted) or not 0 <= accepted <= drafted:
+        raise PluginContractError(plugin, "accept at most the drafted tokens (an int in [0, K])",
+                                  f"accepted {accepted!r} of {drafted}", part)
+    if not is_int(token) or not 0 <= token < vocab_size:
+        raise PluginContractError(plugin, f"next token is an int in [0, {vocab_size})", f"got {token!r}", part)
+    if p is None or draft_tokens is None:
+        return
+    committed = [*draft_tokens[:accepted].tolist(), int(token)]
+    impossible = [(i, t) for i, t in enumerate(committed) if not float(p[i, t]) > 0]
+    if impossible:
+        where = ", ".join(f"token {t} at position {i + 1}" for i, t in impossible)
+        raise PluginContractError(plugin, "a lossless verifier commits only tokens the target can produce (p > 0)",
+                                  f"{where} has p = 0 (accepted {accepted} of {drafted} drafts)", part)
 
 
 def _describe(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
     return f"got {type(value).__name__}"
+
+
+def finite(value) -> bool:
+    return isinstance(value, numbers.Real) and math.isfinite(value)

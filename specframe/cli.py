@@ -103,6 +103,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     chat.add_argument("--chat", dest="chat", action="store_true", default=None,
                       help="apply the tokenizer's chat template (default when it has one)")
     chat.add_argument("--no-chat", dest="chat", action="store_false", help="use the prompt as raw text")
+    group.add_argument("--truncate-prompt", action="store_true",
+                       help="when the prompt plus --max-new-tokens exceeds the model's context, keep the end of "
+                            "the prompt (default: stop with an error)")
 
 
 def parse_options(pairs: list[str], kind: str) -> dict[str, str]:
@@ -119,7 +122,11 @@ def _read_prompt(prompt: str | None) -> str:
     if prompt is None or prompt == "-":
         if sys.stdin is None or sys.stdin.isatty():
             raise ConfigError('no prompt given; pass it as an argument (specframe run "...") or on stdin')
-        prompt = sys.stdin.read()
+        try:
+            prompt = sys.stdin.read()
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"the prompt on stdin is not valid text in the locale's encoding ({exc}); "
+                              "send UTF-8 text or pass the prompt as an argument") from None
     return prompt
 
 
@@ -127,6 +134,7 @@ def cmd_run(args) -> int:
     from .decoder import SpeculativeDecoder
 
     prompt = _read_prompt(args.prompt)
+    _check_before_loading(args)
     controller_options = parse_options(args.controller_opt, "controller")
     if args.seed is not None and "seed" in _option_names("controller", args.controller):
         controller_options.setdefault("seed", str(args.seed))
@@ -141,16 +149,21 @@ def cmd_run(args) -> int:
         print(f"specframe: warning: verifier {args.verifier!r} is lossy; the output may differ from plain decoding",
               file=sys.stderr)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, seed=args.seed, chat=args.chat)
+                  top_p=args.top_p, seed=args.seed, chat=args.chat, truncate=args.truncate_prompt)
     interrupted = False
     with warnings.catch_warnings():
         warnings.simplefilter("always", RuntimeWarning)
+        warnings.showwarning = _show_warning
         try:
             for piece in decoder.stream(prompt, **kwargs):
                 if not args.json:
                     print(piece, end="", flush=True)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C: keep what was generated and say how far it got
             interrupted = True
+        except SpecframeError:
+            if not args.json and decoder.last_result is not None and decoder.last_result.tokens:
+                print(flush=True)  # end the partial line before the error message
+            raise
     result = decoder.last_result
     if args.json:
         print(json.dumps({"text": result.text, "tokens": result.tokens, "finish_reason": result.finish_reason,
@@ -160,7 +173,29 @@ def cmd_run(args) -> int:
         print()
         if not args.quiet:
             print(format_stats(result, args), file=sys.stderr)
-    return 130 if interrupted else 0
+    if interrupted:
+        print(f"specframe: interrupted after {len(result.tokens)} new tokens", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"specframe: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _check_before_loading(args) -> None:
+    """Fail on bad names, options and sampling values before spending time on loading the model."""
+    from .decoder import check_max_new_tokens, sampling_config
+    from .plugins import coerce_options, get_registry
+
+    sampling_config(args.temperature, args.top_k, args.top_p, args.seed)
+    check_max_new_tokens(args.max_new_tokens)
+    registry = get_registry()
+    for kind in ("drafter", "controller", "verifier"):
+        name = getattr(args, kind)
+        if kind == "drafter" and name == PLAIN:
+            continue
+        coerce_options(registry.get(kind, name), parse_options(getattr(args, f"{kind}_opt"), kind))
 
 
 def _option_names(kind: str, name: str) -> set[str]:

@@ -1,13 +1,23 @@
-"""The Python entry point: SpeculativeDecoder wraps any Hugging Face causal LM."""
+"""The Python entry point: SpeculativeDecoder wraps any Hugging Face causal LM.
+
+Every argument is checked before any work is done: a bad value raises a `SpecframeError`
+subclass (mostly `ConfigError`) whose message names the argument, the value and what to do.
+"""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
+import math
+import numbers
+import os
+import warnings
+from collections.abc import Iterator, Mapping
 
+import attrs
+import torch
 
-from .engine import ON_ERROR_CHOICES, Parts, generate_tokens
-from .errors import ConfigError
+from .checks import is_int
+from .engine import ON_ERROR_CHOICES, Parts, StatsRecorder, generate_tokens
+from .errors import ConfigError, ModelLoadError, SpecframeError
 from .plugins import PluginRegistry, get_registry
 from .sampling import Sampler
 from .target import TargetModel
@@ -18,6 +28,8 @@ DEFAULT_CONTROLLER = "thompson"
 DEFAULT_VERIFIER = "auto"
 PLAIN = "none"  # drafter name for plain autoregressive decoding through the same engine
 MAX_NEW_TOKENS_LIMIT = 1_000_000
+MIN_TEMPERATURE = 1e-6  # below this (but > 0) float32 sampling gains nothing over greedy and risks overflow
+MAX_SEED = 2**64  # torch generators take seeds in [0, 2**64)
 
 
 class SpeculativeDecoder:
@@ -25,6 +37,9 @@ class SpeculativeDecoder:
 
     >>> decoder = SpeculativeDecoder(model, tokenizer, drafter="ngram", controller="fixed")
     >>> decoder.generate("Explain what a hash table is.", max_new_tokens=64).text
+
+    on_error: "fail" raises `PluginContractError` when a part breaks its contract; "fallback"
+    finishes that generation with plain decoding and a `RuntimeWarning` (same output).
     """
 
     def __init__(self, model, tokenizer, drafter: str | None = DEFAULT_DRAFTER,
@@ -32,71 +47,131 @@ class SpeculativeDecoder:
                  drafter_options: dict | None = None, controller_options: dict | None = None,
                  verifier_options: dict | None = None, on_error: str = "fail",
                  registry: PluginRegistry | None = None):
-        if on_error not in ON_ERROR_CHOICES:
+        if not isinstance(on_error, str) or on_error not in ON_ERROR_CHOICES:
             raise ConfigError(f"on_error must be one of {', '.join(ON_ERROR_CHOICES)}, got {on_error!r}")
+        _check_model(model)
+        if not callable(getattr(tokenizer, "decode", None)):
+            raise ConfigError(f"tokenizer must be a Hugging Face tokenizer (with a decode method), got "
+                              f"{type(tokenizer).__name__}; load one with AutoTokenizer.from_pretrained(PATH)")
+        if registry is not None and not isinstance(registry, PluginRegistry):
+            raise ConfigError(f"registry must be a specframe.plugins.PluginRegistry or None, got {type(registry).__name__}")
         registry = registry or get_registry()
+        plain = drafter is None or drafter == PLAIN
+        chosen = {"drafter": PLAIN if plain else drafter, "controller": controller, "verifier": verifier}
+        options = {"drafter": drafter_options, "controller": controller_options, "verifier": verifier_options}
+        for kind, name in chosen.items():
+            if not isinstance(name, str):
+                raise ConfigError(f"{kind} must be a name (a string such as {registry.names(kind)[:3]}), "
+                                  f"got {name!r}; run `specframe plugins` to list every name")
+            if options[kind] is not None and not isinstance(options[kind], Mapping):
+                raise ConfigError(f"{kind}_options must be a dict of option names to values, got {options[kind]!r}")
         self.tokenizer, self.on_error = tokenizer, on_error
         self.target = TargetModel(model)
-        plain = drafter in (None, PLAIN)
+        parts = {kind: None if kind == "drafter" and plain else registry.create(kind, name, options[kind])
+                 for kind, name in chosen.items()}
         self.parts = Parts(
-            target=self.target,
-            drafter=None if plain else registry.create("drafter", drafter, drafter_options),
-            controller=registry.create("controller", controller, controller_options),
-            verifier=registry.create("verifier", verifier, verifier_options),
-            names={"drafter": drafter or PLAIN, "controller": controller, "verifier": verifier},
+            target=self.target, drafter=parts["drafter"], controller=parts["controller"],
+            verifier=parts["verifier"], names=chosen,
+            plugins={kind: registry.get(kind, name).plugin for kind, name in chosen.items() if parts[kind] is not None},
         )
-        self.lossless = getattr(self.parts.verifier, "lossless", True)
+        self.lossless = bool(getattr(self.parts.verifier, "lossless", True))
+        self.last_result: GenerationResult | None = None
 
     @classmethod
     def from_pretrained(cls, path=None, device="auto", dtype="auto", **kwargs) -> "SpeculativeDecoder":
         """Load a local HF model directory (or the embedded default model when path is None)."""
         from .models import load_model
 
-        model, tokenizer = load_model(path, device=device, dtype=dtype)
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise ConfigError(f"path must be a model directory (a string or a Path) or None, got {path!r}")
+        for name, value in (("device", device), ("dtype", dtype)):
+            if not isinstance(value, (str, torch.device, torch.dtype)):
+                raise ConfigError(f"{name} must be a string such as 'auto', got {value!r}")
+        try:
+            model, tokenizer = load_model(path, device=device, dtype=dtype)
+        except SpecframeError:
+            raise
+        except Exception as exc:  # transformers raises many types for a directory it cannot use
+            where = "the default model" if path is None else repr(str(path))
+            raise ModelLoadError(f"could not load a causal LM from {where} on device {device!r}: "
+                                 f"{type(exc).__name__}: {exc}") from exc
         return cls(model, tokenizer, **kwargs)
 
     # ---- prompts -----------------------------------------------------------------------------
     def encode(self, prompt: str | list[int], chat: bool | None = None) -> list[int]:
         """Token ids of a prompt; a chat template is applied when the tokenizer has one (chat=None)."""
+        if chat is not None and not isinstance(chat, bool):
+            raise ConfigError(f"chat must be True, False or None (use the template when there is one), got {chat!r}")
+        if isinstance(prompt, torch.Tensor):
+            if prompt.dim() != 1 or prompt.is_floating_point() or prompt.is_complex():
+                raise ConfigError(f"a tensor prompt must be 1-D token ids, got shape {tuple(prompt.shape)} "
+                                  f"and dtype {prompt.dtype}")
+            prompt = prompt.tolist()
         if isinstance(prompt, (list, tuple)):
-            ids = [int(t) for t in prompt]
+            ids = self._check_ids(prompt)
         elif isinstance(prompt, str):
             ids = self._encode_text(prompt, chat)
         else:
             raise ConfigError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         if not ids:
-            raise ConfigError("the prompt is empty; give some text (or token ids) to continue")
+            raise ConfigError("the prompt is empty (no tokens); give some text (or token ids) to continue")
         return ids
+
+    def _check_ids(self, prompt) -> list[int]:
+        vocab_size = self.target.vocab_size
+        for position, token in enumerate(prompt):
+            if not is_int(token) or not 0 <= token < vocab_size:
+                raise ConfigError(f"token ids must be integers in [0, {vocab_size}), got {token!r} at position "
+                                  f"{position} of the prompt; encode text with the model's tokenizer")
+        return [int(t) for t in prompt]
 
     def _encode_text(self, prompt: str, chat: bool | None) -> list[int]:
         if not prompt.strip():
             raise ConfigError("the prompt is empty; give some text to continue")
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
         if chat and not has_template:
-            raise ConfigError("this tokenizer has no chat template; run without --chat (use --no-chat)")
-        if chat or (chat is None and has_template):
-            messages = [{"role": "user", "content": prompt}]
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            raise ConfigError("this tokenizer has no chat template, so --chat (chat=True) cannot be used; "
+                              "run with --no-chat (chat=False) to use the prompt as raw text")
+        try:
+            if chat or (chat is None and has_template):
+                messages = [{"role": "user", "content": prompt}]
+                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            else:
+                ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            ids = [int(t) for t in ids]
+        except Exception as exc:  # e.g. text the tokenizer cannot encode (lone surrogates)
+            raise ConfigError(f"the tokenizer could not encode the prompt ({type(exc).__name__}: {exc}); "
+                              "check that the prompt is valid text") from exc
+        return ids
 
     # ---- generation --------------------------------------------------------------------------
     def stream_tokens(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-                      top_p: float = 1.0, seed: int | None = None, chat: bool | None = None):
-        """Yield lists of token ids as they are committed; returns (stats, finish_reason)."""
-        ids = self.encode(prompt, chat)
-        _check_length(ids, max_new_tokens, self.target)
-        sampler = Sampler(SamplingConfig(temperature, top_k, top_p, seed), device=self.target.device)
+                      top_p: float = 1.0, seed: int | None = None, chat: bool | None = None,
+                      truncate: bool = False, *, recorder: StatsRecorder | None = None):
+        """Yield lists of token ids as they are committed; returns (stats, finish_reason).
+
+        truncate=True keeps only the end of a prompt too long for the model's context (with a
+        warning) instead of raising. Pass a `StatsRecorder` as `recorder` to read the statistics
+        so far if the generation is interrupted.
+        """
+        config = sampling_config(temperature, top_k, top_p, seed)
+        check_max_new_tokens(max_new_tokens)
+        if not isinstance(truncate, bool):
+            raise ConfigError(f"truncate must be True or False, got {truncate!r}")
+        ids = fit_context(self.encode(prompt, chat), max_new_tokens, self.target, truncate)
+        sampler = Sampler(config, device=self.target.device)
         eos = _eos_ids(self.tokenizer, self.target.model)
-        return (yield from generate_tokens(self.parts, ids, sampler, max_new_tokens, eos, self.on_error))
+        return (yield from generate_tokens(self.parts, ids, sampler, max_new_tokens, eos, self.on_error, recorder))
 
     def stream(self, prompt, **kwargs) -> Iterator[str]:
-        """Yield text as it is committed. After the loop, `self.last_result` holds the result."""
+        """Yield text as it is committed. After the loop, `self.last_result` holds the result,
+        also when the generation was interrupted (finish_reason "interrupted") or failed ("error")."""
         tokens: list[int] = []
         shown = ""
-        started = time.perf_counter()
-        generator = self.stream_tokens(prompt, **kwargs)
-        finish, stats = "interrupted", None
+        recorder = StatsRecorder()
+        generator = self.stream_tokens(prompt, recorder=recorder, **kwargs)
+        finish, stats = "error", None
         try:
             while True:
                 tokens += next(generator)
@@ -106,10 +181,13 @@ class SpeculativeDecoder:
                     shown = text
         except StopIteration as stop:
             stats, finish = stop.value
+        except KeyboardInterrupt:
+            finish = "interrupted"
+            raise
         finally:
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             if stats is None:
-                stats = _partial_stats(tokens, started)
+                stats = _partial_stats(recorder, tokens)
             self.last_result = GenerationResult(tokens, text, stats, finish)
         if len(text) > len(shown):
             yield text[len(shown):]
@@ -121,9 +199,74 @@ class SpeculativeDecoder:
         return self.last_result
 
 
-def _partial_stats(tokens: list[int], started: float) -> GenerationStats:
-    return GenerationStats(rounds=0, drafted=0, accepted=0, new_tokens=len(tokens), draft_seconds=0.0,
-                           verify_seconds=0.0, total_seconds=time.perf_counter() - started)
+# ---- argument checks -------------------------------------------------------------------------
+def _check_model(model) -> None:
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise ConfigError(f"model must be a Hugging Face causal LM (a PreTrainedModel), got {type(model).__name__}; "
+                          "to load one from a directory use SpeculativeDecoder.from_pretrained(PATH)")
+    can_generate = getattr(model, "can_generate", None)
+    if callable(can_generate) and not can_generate():
+        raise ConfigError(f"{type(model).__name__} is not a causal language model (it cannot generate); "
+                          "load the model with AutoModelForCausalLM")
+    if next(model.parameters(), None) is None:
+        raise ConfigError(f"{type(model).__name__} has no parameters, so it is not a usable language model")
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def sampling_config(temperature, top_k, top_p, seed) -> SamplingConfig:
+    """A SamplingConfig from user values, with a ConfigError for each bad one."""
+    if not _real(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ConfigError(f"temperature {temperature!r} is too close to 0 to sample from; use 0 for greedy "
+                          f"decoding or a temperature >= {MIN_TEMPERATURE}")
+    if not is_int(top_k) or top_k < 0:
+        raise ConfigError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
+    if not _real(top_p) or not 0 < top_p <= 1:  # NaN fails too
+        raise ConfigError(f"top_p must be a number in (0, 1] (1 disables it), got {top_p!r}")
+    if seed is not None and (not is_int(seed) or not 0 <= seed < MAX_SEED):
+        raise ConfigError(f"seed must be an integer in [0, 2**64) or None, got {seed!r}")
+    return SamplingConfig(float(temperature), int(top_k), float(top_p), None if seed is None else int(seed))
+
+
+def check_max_new_tokens(max_new_tokens) -> None:
+    if not is_int(max_new_tokens) or max_new_tokens <= 0:
+        raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if max_new_tokens > MAX_NEW_TOKENS_LIMIT:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} is absurdly large; use at most {MAX_NEW_TOKENS_LIMIT}")
+
+
+def context_length(target: TargetModel) -> int | None:
+    value = getattr(target.config.get_text_config(), "max_position_embeddings", None)
+    return value if is_int(value) and value > 0 else None
+
+
+def fit_context(ids: list[int], max_new_tokens: int, target: TargetModel, truncate: bool) -> list[int]:
+    """The prompt ids, checked (or, with truncate, cut from the front) to fit the model's context."""
+    context = context_length(target)
+    if not context or len(ids) + max_new_tokens <= context:
+        return ids
+    if max_new_tokens >= context:
+        raise ConfigError(f"max_new_tokens ({max_new_tokens}) leaves no room for the prompt in the model's "
+                          f"context of {context} tokens; use --max-new-tokens {context - 1} or fewer")
+    if not truncate:
+        raise ConfigError(
+            f"the prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's context "
+            f"of {context} tokens; shorten the prompt, lower --max-new-tokens, or pass --truncate-prompt "
+            f"(truncate=True) to keep the last {context - max_new_tokens} prompt tokens"
+        )
+    keep = context - max_new_tokens
+    warnings.warn(f"the prompt ({len(ids)} tokens) was cut to its last {keep} tokens to fit the model's context "
+                  f"of {context} with max_new_tokens={max_new_tokens}", RuntimeWarning, stacklevel=3)
+    return ids[-keep:]
+
+
+def _partial_stats(recorder: StatsRecorder, tokens: list[int]) -> GenerationStats:
+    """The statistics of an interrupted generation: the rounds finished so far."""
+    return attrs.evolve(recorder.finish(), new_tokens=len(tokens))
 
 
 def _eos_ids(tokenizer, model) -> set[int]:
@@ -135,16 +278,3 @@ def _eos_ids(tokenizer, model) -> set[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return ids
-
-
-def _check_length(ids: list[int], max_new_tokens: int, target: TargetModel) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if max_new_tokens > MAX_NEW_TOKENS_LIMIT:
-        raise ConfigError(f"max_new_tokens={max_new_tokens} is absurdly large; use at most {MAX_NEW_TOKENS_LIMIT}")
-    context = getattr(target.config.get_text_config(), "max_position_embeddings", None)
-    if context and len(ids) + max_new_tokens > context:
-        raise ConfigError(
-            f"the prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's "
-            f"context of {context} tokens; shorten the prompt or lower --max-new-tokens"
-        )

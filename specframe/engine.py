@@ -2,6 +2,12 @@
 
 References: Leviathan et al. 2023 and Chen et al. 2023 (speculative sampling); Liu et al. 2024
 (EESD, arXiv 2406.03853). Shapes: K drafts, V vocabulary.
+
+Every part's output is checked (`specframe.checks`) before it can change the text. A part that
+breaks its contract or raises is a *fault*: with on_error="fail" it raises `PluginContractError`
+naming the part, its plugin and the broken rule; with on_error="fallback" the generation goes on
+with plain decoding (the target's own tokens, no drafter, controller or verifier) and a
+`RuntimeWarning`, so the output is still exactly what plain decoding gives.
 """
 
 from __future__ import annotations
@@ -10,15 +16,16 @@ import time
 import warnings
 from collections.abc import Generator
 
+import numpy as np
 import torch
 from attrs import define, field
 
 from .checks import check_draft, check_verdict, clamp_draft_budget
-from .errors import PluginContractError
+from .errors import PluginContractError, SpecframeError
 from .interfaces import Controller, Drafter, Verifier
 from .sampling import Sampler
 from .target import TargetModel
-from .types import Draft, GenerationStats, RoundStats, histogram
+from .types import Draft, GenerationStats, RoundStats, Verdict, histogram
 
 ON_ERROR_CHOICES = ("fail", "fallback")
 
@@ -32,11 +39,17 @@ class Parts:
     controller: Controller
     verifier: Verifier
     names: dict[str, str] = field(factory=dict)  # kind -> registered name, for error messages
+    plugins: dict[str, str] = field(factory=dict)  # kind -> the plugin that registered it
+
+    def who(self, kind: str) -> tuple[str, str]:
+        """(plugin, part) for error messages, e.g. ("specframe.drafters", "drafter 'ngram'")."""
+        name = self.names.get(kind, kind)
+        return self.plugins.get(kind, name), f"{kind} {name!r}"
 
 
 @define
 class StatsRecorder:
-    """Collects per-round numbers; `finish()` turns them into GenerationStats."""
+    """Collects per-round numbers; `finish()` turns them into GenerationStats (also mid-generation)."""
 
     started: float = field(factory=time.perf_counter)
     drafted: list[int] = field(factory=list)
@@ -69,10 +82,15 @@ class StatsRecorder:
 
 def generate_tokens(
     parts: Parts, prompt_ids: list[int], sampler: Sampler, max_new_tokens: int,
-    eos_token_ids: set[int], on_error: str = "fail",
+    eos_token_ids: set[int], on_error: str = "fail", recorder: StatsRecorder | None = None,
 ) -> Generator[list[int], None, tuple[GenerationStats, str]]:
-    """Yield the tokens committed each round; return (stats, finish_reason) at the end."""
-    target, recorder = parts.target, StatsRecorder()
+    """Yield the tokens committed each round; return (stats, finish_reason) at the end.
+
+    Pass a `recorder` to read the statistics so far when the generation is interrupted.
+    """
+    recorder = recorder if recorder is not None else StatsRecorder()
+    loop = _Loop(parts, on_error, recorder)
+    target = parts.target
     # 1. Prefill the prompt in one pass; the first new token comes from its last position.
     target.reset()
     first = sampler.sample(sampler.probs(target.forward(torch.tensor(prompt_ids))[-1:])[0])
@@ -80,21 +98,17 @@ def generate_tokens(
     context = list(prompt_ids) + committed
     recorder.new_tokens += len(committed)
     yield committed
-    drafter = _begin_parts(parts, context, sampler, on_error, recorder)
+    if finish is None:
+        loop.begin(context, sampler)
     while finish is None:
         remaining = max_new_tokens - (len(context) - len(prompt_ids))
         # 2. Draft up to `budget` tokens (one slot is kept for the target's own token).
         started = time.perf_counter()
-        try:
-            draft = _draft(parts, drafter, context, remaining - 1, sampler)
-        except Exception as exc:
-            drafter = _fall_back(exc, parts, context, on_error, recorder)
-            draft = Draft.empty()
+        draft = loop.draft(context, remaining - 1, sampler)
         drafted_at = time.perf_counter()
         # 3. Score [last token, d1..dK] with the target in one forward pass: p is (K+1, V).
-        p = sampler.probs(target.forward(torch.tensor([context[-1], *draft.tokens.tolist()])))
-        verdict = parts.verifier.verify(draft.tokens, draft.q, p, sampler)
-        check_verdict(verdict, len(draft), target.vocab_size, parts.names.get("verifier", "verifier"))
+        draft, p = loop.score(context, draft, sampler)
+        verdict = loop.verify(context, draft, p, sampler)
         verified_at = time.perf_counter()
         # 4. Commit the accepted drafts plus one target token, checking EOS and length on each.
         committed, finish = _commit(
@@ -102,12 +116,11 @@ def generate_tokens(
         )
         context += committed
         # 5. Roll back the target's and the drafter's caches to what was committed.
-        _rollback(parts, drafter, len(context) - 1)
+        loop.rollback(context)
         # 6. Tell the controller what happened.
         round_stats = RoundStats(len(draft), verdict.accepted_length, draft.confidences,
                                  drafted_at - started, verified_at - drafted_at)
-        if drafter is not None:
-            parts.controller.update(round_stats)
+        loop.update(context, round_stats)
         recorder.add(round_stats, len(committed))
         yield committed
     return recorder.finish(), finish
@@ -123,45 +136,158 @@ def _commit(tokens: list[int], eos_token_ids: set[int], remaining: int) -> tuple
     return kept, ("length" if len(kept) >= remaining else None)
 
 
-def _draft(parts: Parts, drafter: Drafter | None, context: list[int], budget: int, sampler: Sampler) -> Draft:
-    if drafter is None or budget <= 0:
-        return Draft.empty()
-    name = parts.names.get("controller", "controller")
-    budget = clamp_draft_budget(parts.controller.max_draft(), budget, name)
-    if budget == 0:
-        return Draft.empty()
-    draft = drafter.propose(context, budget, parts.controller, sampler)
-    check_draft(draft, budget, parts.target.vocab_size, parts.names.get("drafter", "drafter"))
-    return draft
+@define
+class _Loop:
+    """One generation's parts, with every call to them guarded. `drafter` None = plain decoding."""
+
+    parts: Parts
+    on_error: str
+    recorder: StatsRecorder
+    drafter: Drafter | None = None
+
+    # ---- the steps of a round ----------------------------------------------------------------
+    def begin(self, context: list[int], sampler: Sampler) -> None:
+        """Start the controller and the drafter after the prompt was prefilled."""
+        if self.parts.drafter is None:
+            return
+        target = self.parts.target
+        try:
+            self.parts.controller.begin()
+        except Exception as exc:
+            self.fault(exc, "controller", "begin", context)
+            return
+        try:
+            self.parts.drafter.begin(target, list(context[:-1]), sampler)
+            self._check_target_untouched(context, "begin")
+        except SpecframeError as exc:
+            if not isinstance(exc, PluginContractError):
+                raise  # a set-up error (bad head file, mismatched draft model): the user must fix it
+            self.fault(exc, "drafter", "begin", context)
+            return
+        except Exception as exc:
+            self.fault(exc, "drafter", "begin", context)
+            return
+        self.drafter = self.parts.drafter
+
+    def draft(self, context: list[int], budget: int, sampler: Sampler) -> Draft:
+        if self.drafter is None or budget <= 0:
+            return Draft.empty()
+        parts = self.parts
+        plugin, part = parts.who("controller")
+        try:
+            budget = clamp_draft_budget(parts.controller.max_draft(), budget, plugin, part)
+        except Exception as exc:
+            self.fault(exc, "controller", "max_draft", context)
+            return Draft.empty()
+        if budget == 0:
+            return Draft.empty()
+        guarded = _GuardedController(parts.controller, *parts.who("controller"))
+        plugin, part = parts.who("drafter")
+        try:
+            draft = self.drafter.propose(list(context), budget, guarded, sampler)
+            self._check_target_untouched(context, "propose")
+            check_draft(draft, budget, parts.target.vocab_size, plugin, part)
+        except _ControllerFault as fault:
+            self.fault(fault.error, "controller", "keep_drafting", context)
+            return Draft.empty()
+        except Exception as exc:
+            self.fault(exc, "drafter", "propose", context)
+            return Draft.empty()
+        return draft
+
+    def score(self, context: list[int], draft: Draft, sampler: Sampler) -> tuple[Draft, torch.Tensor]:
+        """The target's p (K+1, V) for [last token, d1..dK], in one forward pass."""
+        target = self.parts.target
+        try:
+            logits = target.forward(torch.tensor([context[-1], *draft.tokens.tolist()]))
+        except PluginContractError as exc:  # the drafter ran the target's lower layers on other tokens
+            plugin, part = self.parts.who("drafter")
+            self.fault(PluginContractError(plugin, exc.rule, exc.detail, part), "drafter", "propose", context)
+            draft, logits = Draft.empty(), target.forward(torch.tensor([context[-1]]))
+        return draft, sampler.probs(logits)
+
+    def verify(self, context: list[int], draft: Draft, p: torch.Tensor, sampler: Sampler) -> Verdict:
+        if not len(draft):  # nothing to verify: the target's own token, as every lossless verifier gives
+            return Verdict(0, sampler.sample(p[0]))
+        verifier = self.parts.verifier
+        plugin, part = self.parts.who("verifier")
+        lossless = bool(getattr(verifier, "lossless", True))
+        try:
+            verdict = verifier.verify(draft.tokens, draft.q, p, sampler)
+            check_verdict(verdict, len(draft), self.parts.target.vocab_size, plugin, part,
+                          draft.tokens, p if lossless else None)
+        except Exception as exc:
+            self.fault(exc, "verifier", "verify", context)
+            return Verdict(0, sampler.sample(p[0]))  # p_1 does not depend on the drafts (causal)
+        return Verdict(int(verdict.accepted_length), int(verdict.next_token))
+
+    def rollback(self, context: list[int]) -> None:
+        valid_length = len(context) - 1  # the last committed token is not yet in any cache
+        target = self.parts.target
+        target.rollback(valid_length)
+        if self.drafter is not None:
+            try:
+                self.drafter.rollback(valid_length)
+            except Exception as exc:
+                self.fault(exc, "drafter", "rollback", context)
+        cached = target.cached_length()
+        assert cached == valid_length, f"KV cache holds {cached} tokens but {valid_length} are committed"
+
+    def update(self, context: list[int], round_stats: RoundStats) -> None:
+        if self.drafter is None:
+            return
+        try:
+            self.parts.controller.update(round_stats)
+        except Exception as exc:
+            self.fault(exc, "controller", "update", context)
+
+    # ---- faults ------------------------------------------------------------------------------
+    def _check_target_untouched(self, context: list[int], method: str) -> None:
+        target = self.parts.target
+        if target.length != len(context) - 1:
+            plugin, part = self.parts.who("drafter")
+            raise PluginContractError(
+                plugin, f"{method}() must not run the target's full forward pass (use target.lower)",
+                f"the target's cache went from {len(context) - 1} to {target.length} tokens", part)
+
+    def fault(self, exc: Exception, kind: str, method: str, context: list[int]) -> None:
+        """With on_error='fallback', finish the generation with plain decoding; else raise."""
+        plugin, part = self.parts.who(kind)
+        error = exc if isinstance(exc, SpecframeError) else PluginContractError(
+            plugin, f"{method}() must not raise", f"{type(exc).__name__}: {exc}", part)
+        if self.on_error != "fallback":
+            if error is exc:
+                raise exc
+            raise error from exc
+        warnings.warn(f"{error}; finishing this generation with plain decoding", RuntimeWarning, stacklevel=4)
+        self.recorder.fallback = str(error)
+        self.drafter = None
+        self.parts.target.rollback(len(context) - 1)
 
 
-def _begin_parts(parts: Parts, context, sampler, on_error, recorder) -> Drafter | None:
-    parts.controller.begin()
-    if parts.drafter is None:
-        return None
-    try:
-        parts.drafter.begin(parts.target, list(context[:-1]), sampler)
-    except PluginContractError as exc:
-        return _fall_back(exc, parts, context, on_error, recorder)
-    return parts.drafter
+class _ControllerFault(Exception):
+    """Carries a fault of the controller out of the drafter that called it."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
 
 
-def _rollback(parts: Parts, drafter: Drafter | None, valid_length: int) -> None:
-    parts.target.rollback(valid_length)
-    if drafter is not None:
-        drafter.rollback(valid_length)
-    cached = parts.target.cached_length()
-    assert cached == valid_length, f"KV cache holds {cached} tokens but {valid_length} are committed"
+class _GuardedController:
+    """What the drafter sees of the controller: keep_drafting() is checked, the rest passes through."""
 
+    def __init__(self, controller: Controller, plugin: str, part: str):
+        self._controller, self._plugin, self._part = controller, plugin, part
 
-def _fall_back(exc: Exception, parts: Parts, context, on_error: str, recorder: StatsRecorder) -> None:
-    """With on_error='fallback', finish the generation with plain decoding; else re-raise."""
-    name = parts.names.get("drafter", "drafter")
-    if on_error != "fallback":
-        if isinstance(exc, PluginContractError):
-            raise exc
-        raise PluginContractError(name, "the drafter must not raise", f"{type(exc).__name__}: {exc}") from exc
-    warnings.warn(f"{exc}; finishing this generation with plain decoding", RuntimeWarning, stacklevel=3)
-    recorder.fallback = str(exc)
-    parts.target.rollback(len(context) - 1)
-    return None
+    def keep_drafting(self, drafted: int, confidence: float) -> bool:
+        try:
+            keep = self._controller.keep_drafting(drafted, confidence)
+        except Exception as exc:
+            raise _ControllerFault(exc) from exc
+        if not isinstance(keep, (bool, np.bool_)):
+            raise _ControllerFault(PluginContractError(
+                self._plugin, "keep_drafting() returns a bool", f"got {keep!r} ({type(keep).__name__})", self._part))
+        return bool(keep)
+
+    def __getattr__(self, name: str):
+        return getattr(self._controller, name)

@@ -1,4 +1,8 @@
-"""Every error specframe raises on purpose. Messages say what was wrong, the value, and what to do."""
+"""Every error specframe raises on purpose. Messages say what was wrong, the value, and what to do.
+
+`docs/errors.md` lists each error a user can meet, its cause and its fix. The CLI prints any
+`SpecframeError` as `specframe: error: MESSAGE` and exits with its `exit_code` (2).
+"""
 
 from __future__ import annotations
 
@@ -29,12 +33,20 @@ class PluginLoadError(SpecframeError):
 
 
 class PluginContractError(SpecframeError):
-    """A part broke its contract: wrong shape, token out of range, NaN probabilities, ..."""
+    """A part broke its contract: wrong shape, token out of range, NaN probabilities, ...
 
-    def __init__(self, plugin: str, rule: str, detail: str = ""):
-        self.plugin, self.rule = plugin, rule
+    `plugin` is the plugin that registered the part (or, when the engine does not know it, the
+    part's name), `rule` the contract rule it broke, `part` the part as "drafter 'name'".
+    """
+
+    def __init__(self, plugin: str, rule: str, detail: str = "", part: str | None = None):
+        self.plugin, self.rule, self.detail, self.part = plugin, rule, detail, part
         tail = f": {detail}" if detail else ""
-        super().__init__(f"plugin {plugin!r} broke the rule '{rule}'{tail}")
+        who = f"{part} of plugin {plugin!r}" if part else f"plugin {plugin!r}"
+        super().__init__(f"{who} broke the rule '{rule}'{tail}")
+
+    def __reduce__(self):  # keep the keyword part when pickled (multiprocessing, pytest-xdist)
+        return (type(self), (self.plugin, self.rule, self.detail, self.part))
 
 
 class ModelMismatchError(SpecframeError):

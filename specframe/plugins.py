@@ -8,6 +8,7 @@ Set SPECFRAME_DISABLE_PLUGIN_AUTOLOAD=1 to skip entry points (the tests do).
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import typing
 from importlib import metadata
@@ -17,7 +18,7 @@ import pluggy
 from attrs import field, frozen
 
 from . import hookspecs
-from .errors import ConfigError, PluginLoadError, UnknownComponentError
+from .errors import ConfigError, PluginLoadError, SpecframeError, UnknownComponentError
 
 ENTRY_POINT_GROUP = "specframe"
 AUTOLOAD_ENV = "SPECFRAME_DISABLE_PLUGIN_AUTOLOAD"
@@ -146,8 +147,14 @@ class PluginRegistry:
         kwargs = coerce_options(part, dict(options or {}))
         try:
             instance = part.factory(**kwargs)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"bad options for {kind} {name!r} {kwargs}: {exc}") from exc
+        except SpecframeError:
+            raise
+        except Exception as exc:  # attrs validators raise TypeError/ValueError; a plugin may raise anything
+            shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no options"
+            raise ConfigError(
+                f"bad options for {kind} {name!r} (plugin {part.plugin!r}) with {shown}: {type(exc).__name__}: {exc}; "
+                f"see `specframe plugins` and the part's documentation for its options"
+            ) from exc
         return instance
 
 
@@ -157,7 +164,10 @@ def coerce_options(part: PartInfo, options: dict) -> dict:
     if not (isinstance(factory, type) and attrs.has(factory)):
         return options
     fields = {f.name: f for f in attrs.fields(factory) if f.init}
-    hints = typing.get_type_hints(factory)
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:  # unresolvable annotations in a plugin: pass the strings through unconverted
+        hints = {}
     for key, value in list(options.items()):
         if key not in fields:
             valid = ", ".join(sorted(fields)) or "(none)"
@@ -168,17 +178,24 @@ def coerce_options(part: PartInfo, options: dict) -> dict:
 
 
 def _convert(part: PartInfo, key: str, value: str, hint) -> object:
-    base = [a for a in typing.get_args(hint) if a is not type(None)][0] if typing.get_args(hint) else hint
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if args else hint
     try:
         if base is bool:
             if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
                 raise ValueError(value)
             return value.lower() in ("1", "true", "yes")
-        if base in (int, float):
-            return base(value)
+        if base is int:
+            return int(value)
+        if base is float:
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError(value)
+            return number
     except ValueError:
         raise ConfigError(
-            f"option {key!r} of {part.kind} {part.name!r} must be {base.__name__}, got {value!r}"
+            f"option {key!r} of {part.kind} {part.name!r} must be {'a finite ' if base is float else ''}"
+            f"{base.__name__}, got {value!r}"
         ) from None
     return value
 
