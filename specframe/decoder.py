@@ -50,9 +50,9 @@ class SpeculativeDecoder:
         if not isinstance(on_error, str) or on_error not in ON_ERROR_CHOICES:
             raise ConfigError(f"on_error must be one of {', '.join(ON_ERROR_CHOICES)}, got {on_error!r}")
         _check_model(model)
-        if not callable(getattr(tokenizer, "decode", None)):
-            raise ConfigError(f"tokenizer must be a Hugging Face tokenizer (with a decode method), got "
-                              f"{type(tokenizer).__name__}; load one with AutoTokenizer.from_pretrained(PATH)")
+        if tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
+            raise ConfigError(f"tokenizer must be a Hugging Face tokenizer (with a decode method) or None (token-id "
+                              f"prompts only), got {type(tokenizer).__name__}; load one with AutoTokenizer.from_pretrained(PATH)")
         if registry is not None and not isinstance(registry, PluginRegistry):
             raise ConfigError(f"registry must be a specframe.plugins.PluginRegistry or None, got {type(registry).__name__}")
         registry = registry or get_registry()
@@ -126,6 +126,9 @@ class SpeculativeDecoder:
         return [int(t) for t in prompt]
 
     def _encode_text(self, prompt: str, chat: bool | None) -> list[int]:
+        if self.tokenizer is None:
+            raise ConfigError("this decoder has no tokenizer, so the prompt must be a list of token ids; "
+                              "pass a tokenizer to SpeculativeDecoder to use text prompts")
         if not prompt.strip():
             raise ConfigError("the prompt is empty; give some text to continue")
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
@@ -175,7 +178,7 @@ class SpeculativeDecoder:
         try:
             while True:
                 tokens += next(generator)
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                text = self._decode(tokens)
                 if not text.endswith("\ufffd") and len(text) > len(shown):  # hold back split UTF-8
                     yield text[len(shown):]
                     shown = text
@@ -185,12 +188,16 @@ class SpeculativeDecoder:
             finish = "interrupted"
             raise
         finally:
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            text = self._decode(tokens)
             if stats is None:
                 stats = _partial_stats(recorder, tokens)
             self.last_result = GenerationResult(tokens, text, stats, finish)
         if len(text) > len(shown):
             yield text[len(shown):]
+
+    def _decode(self, tokens: list[int]) -> str:
+        """The text of `tokens` ("" without a tokenizer)."""
+        return "" if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def generate(self, prompt, **kwargs) -> GenerationResult:
         """Generate a whole answer; returns tokens, text and statistics."""

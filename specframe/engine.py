@@ -217,7 +217,7 @@ class _Loop:
             check_verdict(verdict, len(draft), self.parts.target.vocab_size, plugin, part,
                           draft.tokens, p if lossless else None)
         except Exception as exc:
-            self.fault(exc, "verifier", "verify", context)
+            self.fault(exc, "verifier", "verify", context, scored=True)
             return Verdict(0, sampler.sample(p[0]))  # p_1 does not depend on the drafts (causal)
         return Verdict(int(verdict.accepted_length), int(verdict.next_token))
 
@@ -250,8 +250,12 @@ class _Loop:
                 plugin, f"{method}() must not run the target's full forward pass (use target.lower)",
                 f"the target's cache went from {len(context) - 1} to {target.length} tokens", part)
 
-    def fault(self, exc: Exception, kind: str, method: str, context: list[int]) -> None:
-        """With on_error='fallback', finish the generation with plain decoding; else raise."""
+    def fault(self, exc: Exception, kind: str, method: str, context: list[int], scored: bool = False) -> None:
+        """With on_error='fallback', finish the generation with plain decoding; else raise.
+
+        scored: the target already ran this round's forward pass (its cache is rolled back after
+        the commit, as in any round); otherwise it is rolled back to the committed tokens now.
+        """
         plugin, part = self.parts.who(kind)
         error = exc if isinstance(exc, SpecframeError) else PluginContractError(
             plugin, f"{method}() must not raise", f"{type(exc).__name__}: {exc}", part)
@@ -262,7 +266,8 @@ class _Loop:
         warnings.warn(f"{error}; finishing this generation with plain decoding", RuntimeWarning, stacklevel=4)
         self.recorder.fallback = str(error)
         self.drafter = None
-        self.parts.target.rollback(len(context) - 1)
+        if not scored:
+            self.parts.target.rollback(len(context) - 1)
 
 
 class _ControllerFault(Exception):
