@@ -46,8 +46,9 @@ HF_METHODS = {  # name -> default parameter (None: takes none)
 }
 PLAIN_METHOD = "specframe"
 RESULTS_FILE, RUN_FILE = "results.jsonl", "run.json"
-RESUME_KEYS = ("model", "dtype", "device", "dataset", "categories", "limit", "max_new_tokens",
-               "temperature", "top_k", "top_p", "seed", "chat")
+# settings a resumed run must share (categories and limit may change: records are per prompt)
+RESUME_KEYS = ("model", "dtype", "device", "dataset", "max_new_tokens", "temperature", "top_k", "top_p",
+               "seed", "chat")
 WARMUP_TOKENS = 16
 
 
@@ -551,7 +552,7 @@ def _load_prompts(args) -> list[Prompt]:
 def _prepare_out(out: Path, args, methods: list[MethodSpec]) -> tuple[ResultsFile, dict]:
     out.mkdir(parents=True, exist_ok=True)
     results = ResultsFile(out / RESULTS_FILE)
-    config = {key: getattr(args, key) for key in RESUME_KEYS}
+    config = {key: getattr(args, key) for key in (*RESUME_KEYS, "categories", "limit")}
     config["dataset"] = args.dataset if args.dataset == "sharegpt" else str(Path(args.dataset).resolve())
     if results.path.exists() and results.path.stat().st_size:
         if args.overwrite:

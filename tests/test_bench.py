@@ -223,6 +223,9 @@ def test_results_exist_needs_resume_or_overwrite(model_dir, dataset, tmp_path):
                              "--out", out, "--no-progress", "--limit", 1, "--methods", "hf", "--resume"))
     assert run_bench(model_dir, dataset, out, "--limit", 1, "--methods", "hf", "--overwrite", "--no-plots") == 0
     assert len(read_results(out)) == 1
+    # a resumed run may take more prompts: records are per prompt, so the finished one is kept
+    assert run_bench(model_dir, dataset, out, "--limit", 3, "--methods", "hf", "--resume", "--no-plots") == 0
+    assert len(read_results(out)) == 3
 
 
 def test_interrupt_keeps_finished_records_and_resume_completes(model_dir, dataset, tmp_path, monkeypatch):
