@@ -284,7 +284,7 @@ class Outcome:
     tokens: list[int]
     seconds: float
     finish_reason: str
-    stats: dict | None = None  # specframe's GenerationStats, as a dict; None for HF methods
+    stats: dict | None = None  # specframe's GenerationStats as a dict; for HF: rounds and new_tokens
 
 
 class HFRunner:
@@ -311,13 +311,13 @@ class HFRunner:
         elif self.method.kind == "hf-assisted":
             kwargs["assistant_model"] = self.assistant
         torch.manual_seed(seed)
-        with restored_generation_state(self.model, self.assistant):
+        with restored_generation_state(self.model, self.assistant), counted_target_passes(self.model) as passes:
             started = time.perf_counter()
             out = self.model.generate(x, **kwargs)  # (1, T + new)
             tokens = out[0, len(ids):].tolist()
             seconds = time.perf_counter() - started
         finish = "eos" if tokens and tokens[-1] in self.eos_ids else "length"
-        return Outcome(tokens, seconds, finish)
+        return Outcome(tokens, seconds, finish, {"rounds": passes[0], "new_tokens": len(tokens)})
 
 
 def _hf_sampling(sampling: dict) -> dict:
@@ -325,6 +325,23 @@ def _hf_sampling(sampling: dict) -> dict:
         return {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
     return {"do_sample": True, "temperature": sampling["temperature"], "top_k": sampling["top_k"],
             "top_p": sampling["top_p"]}
+
+
+@contextlib.contextmanager
+def counted_target_passes(model):
+    """Count full forward passes of `model` (prefill included) in a one-item list. Early-exit
+    drafting calls the same model with `num_hidden_layers` lowered; those calls are not counted."""
+    config, passes = model.config.get_text_config(), [0]
+    layers = config.num_hidden_layers
+
+    def count(module, args):
+        passes[0] += config.num_hidden_layers == layers
+
+    handle = model.register_forward_pre_hook(count)
+    try:
+        yield passes
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager

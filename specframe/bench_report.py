@@ -82,6 +82,7 @@ def _method_stats(records, chosen: dict, baseline: str, label: str, greedy: bool
     tokens = sum(r["new_tokens"] for r in records)
     seconds = sum(r["seconds"] for r in records)
     stats = [r["stats"] for r in records if r.get("stats")]
+    engine = [s for s in stats if "drafted" in s]  # specframe's own statistics (HF gives rounds only)
     entry = {
         "generations": len(records),
         "prompts": len({str(r["prompt_id"]) for r in records}),
@@ -93,14 +94,14 @@ def _method_stats(records, chosen: dict, baseline: str, label: str, greedy: bool
     }
     if brief:
         return entry
-    entry["acceptance_rate"] = _ratio(sum(s["accepted"] for s in stats), sum(s["drafted"] for s in stats))
-    entry["position_accepts"] = _sum_positions(stats)
-    entry["draft_length_histogram"] = _sum_histograms(s.get("draft_length_histogram", {}) for s in stats)
-    entry["time_split"] = _time_split(stats)
+    entry["acceptance_rate"] = _ratio(sum(s["accepted"] for s in engine), sum(s["drafted"] for s in engine))
+    entry["position_accepts"] = _sum_positions(engine)
+    entry["draft_length_histogram"] = _sum_histograms(s.get("draft_length_histogram", {}) for s in engine)
+    entry["time_split"] = _time_split(engine)
     entry["peak_rss_mib"] = max((r.get("peak_rss_mib") or 0 for r in records), default=None)
     entry["peak_cuda_mib"] = max((r.get("peak_cuda_mib") or 0 for r in records), default=None) or None
     entry["finish_reasons"] = dict(Counter(r.get("finish_reason") for r in records))
-    entry["fallbacks"] = sum(1 for s in stats if s.get("fallback"))
+    entry["fallbacks"] = sum(1 for s in engine if s.get("fallback"))
     return entry
 
 
