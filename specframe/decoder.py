@@ -6,6 +6,7 @@ subclass (mostly `ConfigError`) whose message names the argument, the value and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -88,13 +89,18 @@ class SpeculativeDecoder:
             if not isinstance(value, (str, torch.device, torch.dtype)):
                 raise ConfigError(f"{name} must be a string such as 'auto', got {value!r}")
         try:
-            model, tokenizer = load_model(path, device=device, dtype=dtype)
+            with _quiet_transformers():
+                model, tokenizer = load_model(path, device=device, dtype=dtype)
         except SpecframeError:
             raise
         except Exception as exc:  # transformers raises many types for a directory it cannot use
             where = "the default model" if path is None else repr(str(path))
             raise ModelLoadError(f"could not load a causal LM from {where} on device {device!r}: "
                                  f"{type(exc).__name__}: {exc}") from exc
+        try:
+            _check_model(model)
+        except ConfigError as exc:
+            raise ModelLoadError(f"the model in {str(path)!r} is not usable: {exc}") from None
         return cls(model, tokenizer, **kwargs)
 
     # ---- prompts -----------------------------------------------------------------------------
@@ -206,6 +212,22 @@ class SpeculativeDecoder:
         return self.last_result
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No 'Loading weights' progress bars or advice logs from transformers while loading."""
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 # ---- argument checks -------------------------------------------------------------------------
 def _check_model(model) -> None:
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
@@ -215,8 +237,27 @@ def _check_model(model) -> None:
     if callable(can_generate) and not can_generate():
         raise ConfigError(f"{type(model).__name__} is not a causal language model (it cannot generate); "
                           "load the model with AutoModelForCausalLM")
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(f"{type(model).__name__} is an encoder-decoder model ({config.model_type}); specframe "
+                          "needs a decoder-only causal LM such as Llama, Qwen or GPT-2")
+    if _encoder_only(config):
+        raise ConfigError(f"{type(model).__name__} is an encoder-only model ({config.model_type}, bidirectional "
+                          "attention, is_decoder=False), not a causal LM; use a decoder-only causal LM such as "
+                          "Llama, Qwen or GPT-2")
     if next(model.parameters(), None) is None:
         raise ConfigError(f"{type(model).__name__} has no parameters, so it is not a usable language model")
+
+
+def _encoder_only(config) -> bool:
+    """A masked-LM architecture (BERT, RoBERTa, ...) that AutoModelForCausalLM loads, but which
+    only attends causally when its config says is_decoder=True (XLM: causal=True)."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES as masked
+    except ImportError:  # pragma: no cover - a transformers without this table
+        return False
+    model_type = getattr(config, "model_type", None)
+    return model_type in masked and not (getattr(config, "is_decoder", False) or getattr(config, "causal", False))
 
 
 def _real(value) -> bool:
