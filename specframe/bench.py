@@ -650,7 +650,7 @@ class Bench:
                 try:
                     self.runners[method.label].generate(first, tokens, self.sampling, self.args.seed)
                 except SpecframeError as exc:
-                    raise type(exc)(f"method {method.label!r} failed in warm-up: {exc}") from exc
+                    raise SpecframeError(f"method {method.label!r} failed in warm-up: {exc}") from exc
 
     def run_all(self, prompts: list[Prompt], ids: dict[str, list[int]]) -> None:
         prompts = [p for p in prompts if p.id in ids]

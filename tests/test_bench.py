@@ -257,32 +257,56 @@ def test_interrupt_keeps_finished_records_and_resume_completes(model_dir, datase
 
 @define
 class AcceptEverythingVerifier:
-    """Deliberately broken: keeps every draft whatever the target says (and claims to be lossless)."""
+    """Lossy on purpose: keeps every draft whatever the target says (and says so)."""
 
-    lossless = True
+    lossless = False
 
     def verify(self, draft_tokens, q, p, sampler):
         return Verdict(len(draft_tokens), int(p[-1].argmax()))
 
 
-class BrokenPlugin:
+class LossyPlugin:
     @staticmethod
     @hookimpl
     def register_verifiers(register):
-        register("accept_all", AcceptEverythingVerifier, "broken on purpose")
+        register("accept_all", AcceptEverythingVerifier, "lossy on purpose")
 
 
-def test_losslessness_check_counts_a_broken_method(model_dir, dataset, tmp_path, monkeypatch):
+def test_losslessness_check_counts_a_lossy_method(model_dir, dataset, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(plugins, "_default_registry", plugins.PluginRegistry(autoload=False,
-                                                                             extra_plugins=[BrokenPlugin]))
+                                                                             extra_plugins=[LossyPlugin]))
     out = tmp_path / "out"
     code = run_bench(model_dir, dataset, out, "--limit", 6, "--max-new-tokens", 24, "--no-plots",
                      "--methods", "hf,self_exit:layer=1+fixed:k=4+accept_all", "--fail-on-mismatch")
+    assert "lossy verifier" in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
-    broken = summary["methods"]["self_exit:layer=1+fixed:k=4+accept_all"]
-    assert broken["compared"] == 6 and broken["mismatches"] > 0
+    lossy = summary["methods"]["self_exit:layer=1+fixed:k=4+accept_all"]
+    assert lossy["compared"] == 6 and lossy["mismatches"] > 0
     assert code == 3
     assert "generations differ" in (out / "summary.md").read_text()
+
+
+def test_losslessness_check_counts_a_broken_engine(model_dir, dataset, tmp_path, monkeypatch):
+    """A bug the engine's own checks would not see (here: one token changed after the fact)."""
+    real_generate = bench.SpecframeRunner.generate
+
+    def broken_generate(self, ids, *args, **kwargs):
+        outcome = real_generate(self, ids, *args, **kwargs)
+        if self.method.label == "ngram+fixed" and len(ids) % 2:  # prompts of odd length only
+            outcome = bench.Outcome([*outcome.tokens[:-1], (outcome.tokens[-1] + 1) % len(WORDS)],
+                                    outcome.seconds, outcome.finish_reason, outcome.stats)
+        return outcome
+
+    monkeypatch.setattr(bench.SpecframeRunner, "generate", broken_generate)
+    out = tmp_path / "out"
+    assert run_bench(model_dir, dataset, out, "--limit", 6, "--no-plots", "--methods", "hf,specframe,ngram+fixed") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    odd = sum(r["prompt_tokens"] % 2 for r in read_results(out) if r["method"] == "hf")
+    assert 0 < odd < 6
+    assert summary["methods"]["ngram+fixed"]["mismatches"] == odd
+    assert summary["methods"]["specframe"]["mismatches"] == 0
+    examples = summary["methods"]["ngram+fixed"]["mismatch_examples"]
+    assert all(e["first_difference"] == 7 for e in examples)  # the last of 8 new tokens
 
 
 def test_sampled_run_and_hf_assisted(model_dir, dataset, tmp_path):
