@@ -451,13 +451,13 @@ def _check_greedy(model, make_parts: Callable[[], tuple], settings: KitSettings,
 def _check_distribution(model, make_parts: Callable[[], tuple], settings: KitSettings, names: dict) -> str:
     """The engine's sequence distribution equals the exact one (chi-square).
 
-    On the table LM every row has at most 3 tokens. Any other model is slower: top-k (3 unless
-    set), at most 3 tokens and half the samples keep the test short and its outcomes few.
+    On the table LM every row has at most 3 tokens. Any other model is slower: top-k (2 unless
+    set), at most 4 tokens and half the samples keep the test short and its outcomes few.
     """
     prompt = _greedy_prompt(model, settings)
     config, length, samples = settings.sampling, settings.length, settings.samples
     if not isinstance(model, TableLM):
-        config, length, samples = attrs.evolve(config, top_k=settings.top_k or 3), min(length, 3), samples // 2
+        config, length, samples = attrs.evolve(config, top_k=settings.top_k or 2), min(length, 4), samples // 2
     exact = exact_sequence_distribution(model, prompt, length, config)
     drafter, controller, verifier = make_parts()
     counts = sample_sequences(TargetModel(model), drafter, controller, verifier, prompt, length,

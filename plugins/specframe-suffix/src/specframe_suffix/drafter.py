@@ -79,7 +79,7 @@ class SuffixDrafter(Drafter):
     """
 
     max_depth: int = field(default=64, validator=[v.instance_of(int), v.ge(2), v.le(1024)])  # tree depth (match + draft)
-    max_match: int = field(default=32, validator=[v.instance_of(int), v.ge(1)])  # longest suffix to match
+    max_match: int | None = field(default=None, validator=v.optional([v.instance_of(int), v.ge(1)]))  # None: max_depth // 2
     min_match: int = field(default=1, validator=[v.instance_of(int), v.ge(1)])  # shortest suffix to match
     spec_factor: float = field(default=1.0, converter=float, validator=v.ge(0.0))  # draft <= factor * match + offset
     spec_offset: float = field(default=0.0, converter=float, validator=v.ge(0.0))
@@ -94,6 +94,8 @@ class SuffixDrafter(Drafter):
     prompt_length: int = field(default=0, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
+        if self.max_match is None:
+            self.max_match = self.max_depth // 2
         if self.max_match >= self.max_depth:
             raise ValueError(f"max_match ({self.max_match}) must be < max_depth ({self.max_depth}), "
                              "so that a match leaves room in the tree for a continuation")
