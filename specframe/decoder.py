@@ -88,6 +88,8 @@ class SpeculativeDecoder:
         for name, value in (("device", device), ("dtype", dtype)):
             if not isinstance(value, (str, torch.device, torch.dtype)):
                 raise ConfigError(f"{name} must be a string such as 'auto', got {value!r}")
+        if str(device).split(":")[0] == "meta":
+            raise ConfigError(f"device {str(device)!r} holds no weights, so it cannot generate; use auto, cpu or cuda")
         try:
             with _quiet_transformers():
                 model, tokenizer = load_model(path, device=device, dtype=dtype)
@@ -245,8 +247,11 @@ def _check_model(model) -> None:
         raise ConfigError(f"{type(model).__name__} is an encoder-only model ({config.model_type}, bidirectional "
                           "attention, is_decoder=False), not a causal LM; use a decoder-only causal LM such as "
                           "Llama, Qwen or GPT-2")
-    if next(model.parameters(), None) is None:
+    parameter = next(model.parameters(), None)
+    if parameter is None:
         raise ConfigError(f"{type(model).__name__} has no parameters, so it is not a usable language model")
+    if parameter.is_meta:
+        raise ConfigError(f"{type(model).__name__} is on the meta device (no weights); load it onto cpu or cuda")
 
 
 def _encoder_only(config) -> bool:
