@@ -24,19 +24,8 @@ class Node:
         self.total = 0  # occurrences of s followed by some token (sum of children's counts)
         self.best = -1  # the most frequent next token (ties: the one seen most recently)
 
-    def add_child(self, token: int) -> "Node":
-        """Count one more occurrence of s followed by `token`; return that child."""
-        child = self.children.get(token)
-        if child is None:
-            child = self.children[token] = Node()
-        child.count += 1
-        self.total += 1
-        if token != self.best and (self.best < 0 or child.count >= self.children[self.best].count):
-            self.best = token
-        return child
-
     def remove_child(self, token: int) -> None:
-        """Undo one `add_child(token)`."""
+        """Undo one occurrence of s followed by `token` (the inverse of a step of `extend`)."""
         child = self.children[token]
         child.count -= 1
         self.total -= 1
@@ -63,9 +52,21 @@ class SuffixTree:
         self.size = 0  # tokens indexed, over all documents
 
     def extend(self, token: int) -> None:
-        """Append one token to the current document: O(max_depth)."""
-        grown = [self.root.add_child(token)]
-        grown += [node.add_child(token) for node in self.active[: self.max_depth - 1]]
+        """Append one token to the current document: O(max_depth).
+
+        Each suffix s of the text so far (and the empty one, the root) gains the child s + token.
+        """
+        grown = []
+        for node in [self.root, *self.active[: self.max_depth - 1]]:  # inlined: this is the hot loop
+            children = node.children
+            child = children.get(token)
+            if child is None:
+                child = children[token] = Node()
+            child.count += 1
+            node.total += 1
+            if token != node.best and (node.best < 0 or child.count >= children[node.best].count):
+                node.best = token
+            grown.append(child)
         self.active = grown
         self.tokens.append(token)
         self.size += 1
