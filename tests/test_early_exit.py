@@ -13,7 +13,7 @@ from specframe import SpeculativeDecoder
 from specframe.train import DistillSet, default_args, evaluate, train_head
 
 from .conftest import tiny_llama
-from .test_lossless_sampling import PROMPT, SAMPLES, chi_square_p_value, exact_distribution, sample_counts
+from .test_lossless_sampling import LENGTH, PROMPT, chi_square_p_value, exact_distribution
 
 EXIT_LAYER = 2
 
@@ -27,7 +27,7 @@ def greedy_sequences(model, count: int, prompt_length: int, new_tokens: int, see
     return out.tolist()
 
 
-def train_tiny_head(model, layer: int = EXIT_LAYER, steps_epochs: int = 6, reduced_vocab: int = 0):
+def train_tiny_head(model, layer: int = EXIT_LAYER, steps_epochs: int = 24, reduced_vocab: int = 0):
     """A head trained by self-distillation on the model's own greedy outputs, in a few seconds."""
     sequences = greedy_sequences(model, 96, 6, 24)
     data = DistillSet.from_model(model, sequences, layer, prompt_lengths=[6] * len(sequences), top_k=16)
@@ -43,13 +43,18 @@ def train_tiny_head(model, layer: int = EXIT_LAYER, steps_epochs: int = 6, reduc
 
 
 @pytest.fixture(scope="module")
-def tiny_head_path(tmp_path_factory, tiny_model):
-    head, _, _ = train_tiny_head(tiny_model)
+def tiny_trained(tiny_model):
+    return train_tiny_head(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def tiny_head_path(tmp_path_factory, tiny_trained):
+    head, _, _ = tiny_trained
     return str(head.save_pretrained(tmp_path_factory.mktemp("head") / "tiny.safetensors", training_command="test"))
 
 
-def test_training_raises_agreement_above_the_untrained_exit(tiny_model):
-    head, data, vocab_map = train_tiny_head(tiny_model)
+def test_training_raises_agreement_above_the_untrained_exit(tiny_model, tiny_trained):
+    head, data, vocab_map = tiny_trained
     trained = evaluate(head, data, vocab_map, torch.device("cpu"))["answer_acceptance"]
     untrained, _, _ = train_tiny_head(tiny_model, steps_epochs=0)
     baseline = evaluate(untrained, data, None, torch.device("cpu"))["answer_acceptance"]
@@ -72,14 +77,16 @@ def test_greedy_equality_on_a_tiny_model(tiny_model, stub_tokenizer, registry, t
             assert result.stats.accepted > 0, "the trained head never had a draft accepted"
 
 
-def test_greedy_equality_with_a_reduced_vocabulary(tiny_model, stub_tokenizer, registry, tmp_path):
+@pytest.mark.parametrize("context_vocab", [False, True])
+def test_greedy_equality_with_a_reduced_vocabulary(tiny_model, stub_tokenizer, registry, tmp_path, context_vocab):
     head, _, _ = train_tiny_head(tiny_model, reduced_vocab=24)
     path = str(head.save_pretrained(tmp_path / "reduced.safetensors"))
     prompt = [5, 9, 2, 33, 5, 9]
     expected = tiny_model.generate(torch.tensor([prompt]), max_new_tokens=40, min_new_tokens=40,
                                    do_sample=False)[0, len(prompt):].tolist()
     decoder = SpeculativeDecoder(tiny_model, stub_tokenizer, drafter="early_exit", controller="fixed",
-                                 controller_options={"k": 4}, drafter_options={"head": path}, registry=registry)
+                                 controller_options={"k": 4}, registry=registry,
+                                 drafter_options={"head": path, "context_vocab": context_vocab})
     assert decoder.generate(prompt, max_new_tokens=40).tokens == expected
 
 
@@ -104,10 +111,16 @@ def test_speculative_sampling_with_early_exit_matches_the_exact_distribution(toy
         head = EarlyExitHead.from_pretrained(toy_head_path, toy)
         head.vocab_ids = torch.tensor([0, 1, 3])
         path = str(head.save_pretrained(tmp_path / "reduced.safetensors"))
-    config = SamplingConfig(temperature=1.0)
-    registry = PluginRegistry(autoload=False)
-    counts = sample_counts(toy, registry, "early_exit", "speculative", config, {"head": path})
-    assert chi_square_p_value(counts, exact_distribution(toy, config), SAMPLES) > 1e-3
+    config, samples = SamplingConfig(temperature=1.0), 3000
+    decoder = SpeculativeDecoder(toy, None, drafter="early_exit", controller="fixed", verifier="speculative",
+                                 controller_options={"k": 2}, drafter_options={"head": path},
+                                 registry=PluginRegistry(autoload=False))
+    counts: dict[tuple, int] = {}
+    for seed in range(samples):
+        chunks = decoder.stream_tokens(PROMPT, max_new_tokens=LENGTH, temperature=1.0, seed=seed)
+        tokens = tuple(t for chunk in chunks for t in chunk)
+        counts[tokens] = counts.get(tokens, 0) + 1
+    assert chi_square_p_value(counts, exact_distribution(toy, config), samples) > 1e-3
 
 
 @pytest.mark.slow
