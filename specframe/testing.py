@@ -58,7 +58,8 @@ from .types import Draft, RoundStats, SamplingConfig, Verdict
 __all__ = [
     "check_drafter", "check_controller", "check_verifier", "ConformanceError", "ConformanceReport",
     "CheckResult", "KitSettings", "tiny_llama", "TableLM", "TableDrafter", "KitController",
-    "exact_sequence_distribution", "sample_sequences", "plain_greedy", "chi_square", "ChiSquare",
+    "exact_sequence_distribution", "sample_sequences", "plain_greedy", "generate", "reference_verifier",
+    "chi_square", "ChiSquare",
 ]
 
 VOCAB_SIZE = 16  # every toy model of the kit has this vocabulary, so parts can be swapped
@@ -70,7 +71,7 @@ class KitSettings:
 
     vocab_size: int = field(default=VOCAB_SIZE, validator=v.ge(4))  # V of the toy models
     seed: int = 0  # base seed of every random draw
-    alpha: float = field(default=1e-3, validator=[v.gt(0.0), v.lt(1.0)])  # chi-square significance
+    alpha: float = field(default=1e-4, validator=[v.gt(0.0), v.lt(1.0)])  # chi-square significance
     draws: int = field(default=300, validator=v.ge(50))  # proposals in the q-sampling test
     samples: int = field(default=1000, validator=v.ge(100))  # generations in the exact-distribution test
     length: int = field(default=5, validator=v.ge(2))  # new tokens per generation in that test
@@ -479,7 +480,9 @@ def _factory(registry: PluginRegistry, kind: str, name: str, options: dict) -> t
     return (lambda: registry.create(kind, name, options)), info.plugin
 
 
-def _trusted_verifier() -> Verifier:
+def reference_verifier() -> Verifier:
+    """specframe's own verifier (greedy at temperature 0, else speculative sampling), which the
+    kit pairs with the drafter or controller under test."""
     from .verifiers.speculative import AutoVerifier
 
     return AutoVerifier()
@@ -620,7 +623,7 @@ def check_drafter(name: str, registry: PluginRegistry | None = None, *, options:
     else:
         sampling_model, which = _model_for(make, settings)
         llama = tiny_llama(settings.vocab_size, seed=settings.seed)
-    kit_parts = lambda: (make(), KitController(settings.max_draft), _trusted_verifier())  # noqa: E731
+    kit_parts = lambda: (make(), KitController(settings.max_draft), reference_verifier())  # noqa: E731
     checks = [
         ("contract", "drafts keep the shape, range, q and controller contract",
          lambda: _drafter_contract(make, sampling_model, settings, name)),
@@ -671,8 +674,8 @@ def check_controller(name: str, registry: PluginRegistry | None = None, *, optio
     make, plugin = _factory(registry, "controller", name, {**(options or {}), **more_options})
     names = {"drafter": "conformance-kit", "controller": name, "verifier": "auto"}
     table = TableLM.random(settings.vocab_size, settings.seed)
-    greedy_parts = lambda: (TableDrafter.near(table, sample=False), make(), _trusted_verifier())  # noqa: E731
-    sampled_parts = lambda: (TableDrafter.near(table), make(), _trusted_verifier())  # noqa: E731
+    greedy_parts = lambda: (TableDrafter.near(table, sample=False), make(), reference_verifier())  # noqa: E731
+    sampled_parts = lambda: (TableDrafter.near(table), make(), reference_verifier())  # noqa: E731
     checks = [
         ("contract", "max_draft is an int in bounds, keep_drafting a bool, update takes any RoundStats",
          lambda: _controller_contract(make, settings, name)),

@@ -76,7 +76,7 @@ def check_hook(hook: str, kind: str, factory) -> None:
     assert isinstance(built, factory)
     table = testing.TableLM.random()
     parts = {"drafter": testing.TableDrafter.near(table, sample=False), "controller": testing.KitController(2),
-             "verifier": testing._trusted_verifier(), kind: built}
+             "verifier": testing.reference_verifier(), kind: built}
     tokens = testing.generate(TargetModel(table), parts["drafter"], parts["controller"], parts["verifier"],
                               [1, 2, 3], 6, SamplingConfig(0.0))
     assert tokens == testing.plain_greedy(table, [1, 2, 3], 6)
