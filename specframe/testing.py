@@ -48,7 +48,7 @@ from attrs import define, field, frozen, validators as v
 
 from .checks import check_draft, check_verdict
 from .engine import Parts, generate_tokens
-from .errors import PluginContractError, SpecframeError
+from .errors import PluginContractError
 from .interfaces import Controller, Drafter, Verifier
 from .plugins import PluginRegistry
 from .sampling import Sampler, probs_from_logits
@@ -502,7 +502,8 @@ class _Harness:
 
     def propose(self, max_tokens: int, controller: Controller, config: SamplingConfig) -> Draft:
         """Draft, then reject it all: roll the target and the drafter back to the committed length."""
-        draft = self.drafter.propose(list(self.context), max_tokens, controller, Sampler(config, device=self.target.device))
+        sampler = Sampler(config, device=self.target.device)
+        draft = self.drafter.propose(list(self.context), max_tokens, controller, sampler)
         valid = len(self.context) - 1
         self.target.rollback(valid)
         self.drafter.rollback(valid)
@@ -518,7 +519,8 @@ def _model_for(make: Callable[[], Drafter], settings: KitSettings) -> tuple[obje
             harness.propose(settings.max_draft, KitController(settings.max_draft), settings.sampling)
         return table, "table LM"
     except Exception as exc:
-        return tiny_llama(settings.vocab_size, seed=settings.seed), f"tiny Llama (not the table LM: {type(exc).__name__})"
+        llama = tiny_llama(settings.vocab_size, seed=settings.seed)
+        return llama, f"tiny Llama (not the table LM: {type(exc).__name__})"
 
 
 def _check_confidences(draft: Draft, name: str) -> None:
@@ -662,7 +664,8 @@ def _controller_contract(make, settings: KitSettings, name: str, rounds: int = 2
             drafted = len(confidences)
             accepted = drafted if rng.random() < 0.3 else rng.randint(0, drafted)
             controller.update(RoundStats(drafted, accepted, tuple(confidences), rng.random() / 100, rng.random() / 50))
-    return f"max_draft() over {len(asked)} rounds: min {min(asked)}, mean {sum(asked) / len(asked):.1f}, max {max(asked)}"
+    mean = sum(asked) / len(asked)
+    return f"max_draft() over {len(asked)} rounds: min {min(asked)}, mean {mean:.1f}, max {max(asked)}"
 
 
 def check_controller(name: str, registry: PluginRegistry | None = None, *, options: dict | None = None,
@@ -771,8 +774,9 @@ def check_verifier(name: str, registry: PluginRegistry | None = None, *, options
     names = {"drafter": "conformance-kit", "controller": "conformance-kit", "verifier": name}
     table = TableLM.random(settings.vocab_size, settings.seed)
     lossless = bool(getattr(make(), "lossless", True))
-    greedy_parts = lambda: (TableDrafter.near(table, sample=False), KitController(settings.max_draft), make())  # noqa: E731
-    sampled_parts = lambda: (TableDrafter.near(table), KitController(settings.max_draft), make())  # noqa: E731
+    k = settings.max_draft
+    greedy_parts = lambda: (TableDrafter.near(table, sample=False), KitController(k), make())  # noqa: E731
+    sampled_parts = lambda: (TableDrafter.near(table), KitController(k), make())  # noqa: E731
 
     def unless_lossy(check: Callable[[], str], greedy_only: bool = False) -> Callable[[], str]:
         def run() -> str:

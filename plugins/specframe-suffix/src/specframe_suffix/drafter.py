@@ -78,8 +78,8 @@ class SuffixDrafter(Drafter):
     The fields are the options (`--drafter-opt NAME=VALUE` on the CLI).
     """
 
-    max_depth: int = field(default=32, validator=[v.instance_of(int), v.ge(2), v.le(1024)])  # tree depth (match + draft)
-    max_match: int | None = field(default=None, validator=v.optional([v.instance_of(int), v.ge(1)]))  # None: max_depth // 2
+    max_depth: int = field(default=32, validator=[v.instance_of(int), v.ge(2), v.le(1024)])  # match + draft
+    max_match: int | None = field(default=None, validator=v.optional([v.instance_of(int), v.ge(1)]))  # max_depth // 2
     min_match: int = field(default=1, validator=[v.instance_of(int), v.ge(1)])  # shortest suffix to match
     spec_factor: float = field(default=1.0, converter=float, validator=v.ge(0.0))  # draft <= factor * match + offset
     spec_offset: float = field(default=0.0, converter=float, validator=v.ge(0.0))
