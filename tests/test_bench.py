@@ -11,7 +11,7 @@ import torch
 from attrs import define
 
 from specframe import bench, plugins
-from specframe.bench import MethodSpec, parse_method, parse_methods, select_prompts, split_methods
+from specframe.bench import MethodSpec, load_prompts, parse_method, parse_methods, split_methods
 from specframe.bench_report import mean_ci, summarize, t_critical
 from specframe.errors import ConfigError, UnknownComponentError
 from specframe.hookspecs import hookimpl
@@ -127,26 +127,34 @@ def test_duplicate_methods_are_an_error(registry):
 
 # ---- prompts ----------------------------------------------------------------------------------
 def test_stratified_limit_gives_every_category_a_turn(dataset):
-    prompts = bench.load_spec_bench(dataset)
-    assert prompts[0].text.startswith("w") and "second turn" not in prompts[0].text
-    chosen = select_prompts(prompts, None, 7)
-    counts = {c: sum(p.category == c for p in chosen) for c in ("alpha", "beta", "gamma")}
-    assert counts == {"alpha": 3, "beta": 2, "gamma": 2}
-    chosen = select_prompts(prompts, None, 11)  # gamma is exhausted at 2; the rest share the remainder
-    assert {c: sum(p.category == c for p in chosen) for c in ("alpha", "beta", "gamma")} == {
-        "alpha": 5, "beta": 4, "gamma": 2}
-    alpha = [p.id for p in select_prompts(prompts, ["alpha"], 3)]
-    assert alpha == ["1", "3", "5"]  # spread over the category, in file order
-    assert select_prompts(prompts, None, None) == prompts
+    prompts = load_prompts(str(dataset))
+    assert len(prompts) == 12 and prompts[0].text.startswith("w") and "second turn" not in prompts[0].text
+
+    def counts(chosen):
+        return {c: sum(p.category == c for p in chosen) for c in ("alpha", "beta", "gamma")}
+
+    assert counts(load_prompts(str(dataset), None, 7)) == {"alpha": 3, "beta": 2, "gamma": 2}
+    # gamma runs out at 2; the others share the remainder
+    assert counts(load_prompts(str(dataset), None, 11)) == {"alpha": 5, "beta": 4, "gamma": 2}
+    assert [p.id for p in load_prompts(str(dataset), ["alpha"], 3)] == ["1", "3", "5"]  # spread out, file order
     with pytest.raises(ConfigError, match="unknown categories"):
-        select_prompts(prompts, ["delta"], None)
+        load_prompts(str(dataset), ["delta"])
+    with pytest.raises(ConfigError, match="limit must be >= 1"):
+        load_prompts(str(dataset), None, 0)
 
 
-def test_bad_dataset_row_names_the_line(tmp_path):
+def test_bad_datasets_say_what_is_wrong(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"question_id": 1, "category": "a", "turns": ["x"]}\n{"category": "a"}\n')
     with pytest.raises(ConfigError, match="bad.jsonl:2"):
-        bench.load_spec_bench(path)
+        load_prompts(str(path))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ConfigError, match="no prompts"):
+        load_prompts(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_prompts(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ConfigError, match="one category"):
+        load_prompts("sharegpt", ["writing"])
 
 
 # ---- statistics -------------------------------------------------------------------------------
