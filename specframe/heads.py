@@ -265,6 +265,7 @@ class EarlyExitHead(nn.Module):
         partial = path.with_name(path.name + ".partial")
         save_file(self.state_to_save(), str(partial), metadata={"specframe_head": json.dumps(header)})
         partial.replace(path)
+        path.chmod(0o644)  # package data: readable by everyone
         return path
 
     @classmethod

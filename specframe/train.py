@@ -675,6 +675,8 @@ def add_early_exit_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model and output")
     model.add_argument("--model", default=None, help="local HF model directory (default: the default model)")
     model.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    model.add_argument("--evaluate", default=None, metavar="HEAD",
+                       help="train nothing: report HEAD's held-out acceptance and draft-step cost")
     model.add_argument("--output", default=None,
                        help="where to write the head (.safetensors; default: the specframe cache's heads/ folder)")
     head = parser.add_argument_group("head")
@@ -768,6 +770,8 @@ def _run_early_exit(args) -> int:
     from .heads import model_fingerprint
     from .models import cache_dir, load_model, resolve_device
 
+    if args.evaluate:
+        return _evaluate_only(args)
     if args.layer not in args.store_layers:
         raise ConfigError(f"--layer {args.layer} is not among --store-layers {args.store_layers}; add it there")
     if args.threads:
@@ -841,6 +845,37 @@ def _run_early_exit(args) -> int:
              f"({cost['full_forward_ms']} ms)")
     _log(f"held-out greedy acceptance (top-1 agreement on answers) {final.get('answer_acceptance')}; "
          f"saved {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def _evaluate_only(args) -> int:
+    """Held-out acceptance (cached held-out data, built if missing) and draft cost of a saved head."""
+    import torch
+
+    from .data import sharegpt_prompts
+    from .heads import EarlyExitHead, model_fingerprint
+    from .models import load_model, resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    model, _ = load_model(args.model, device=device)
+    head = EarlyExitHead.from_pretrained(args.evaluate, model).float()
+    settings = data_settings(args)
+    paths = build_distill_data(args.model, [p.text for p in sharegpt_prompts("heldout")], settings,
+                               data_dir(model_fingerprint(model), settings, "heldout"),
+                               math.ceil(args.heldout_prompts / args.gen_batch_size), label="heldout")
+    heldout = DistillSet(paths, head.exit_layer)
+    vocab_map = None
+    if head.vocab_ids is not None:
+        vocab_map = torch.full((head.full_vocab_size,), -1, dtype=torch.long, device=device)
+        vocab_map[head.vocab_ids.to(device)] = torch.arange(len(head.vocab_ids), device=device)
+    result = {"head": str(args.evaluate), "exit_layer": head.exit_layer,
+              "reduced_vocab": None if head.vocab_ids is None else int(head.vocab_ids.numel()),
+              **evaluate(head, heldout, vocab_map, device)}
+    if device.type == "cpu":
+        result["draft_cost"] = measure_draft_cost(model, head.to(model.dtype))
+    print(json.dumps(result, indent=1))
     return 0
 
 
