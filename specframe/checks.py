@@ -7,7 +7,6 @@ The conformance kit (`specframe.testing`) runs the same checks. Shapes: K drafts
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -100,7 +99,3 @@ def _describe(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
     return f"got {type(value).__name__}"
-
-
-def finite(value) -> bool:
-    return isinstance(value, numbers.Real) and math.isfinite(value)
