@@ -29,17 +29,19 @@ def brute_counts(documents: list[list[int]], depth: int) -> Counter:
 
 
 def tree_counts(tree: SuffixTree) -> Counter:
+    """Every node's substring and count, checking totals and most-frequent children on the way."""
     counts: Counter = Counter()
 
     def visit(node, path):
-        for token, child in node.children.items():
-            counts[path + (token,)] = child.count
-            assert child.total == sum(g.count for g in child.children.values())
-            if child.children:
-                assert child.children[child.best].count == max(g.count for g in child.children.values())
+        kids = tree.children[node] or {}
+        assert tree.total[node] == sum(tree.count[c] for c in kids.values())
+        if kids:
+            assert tree.count[kids[tree.best[node]]] == max(tree.count[c] for c in kids.values())
+        for token, child in kids.items():
+            counts[path + (token,)] = tree.count[child]
             visit(child, path + (token,))
 
-    visit(tree.root, ())
+    visit(0, ())
     return counts
 
 
@@ -55,7 +57,7 @@ def test_tree_matches_brute_force_through_extend_remove_and_documents(seed):
     tree.remove_last(removed)
     kept = tokens[: len(tokens) - removed]
     assert tree_counts(tree) == brute_counts([kept], depth)
-    assert [id(n) for n in tree.active] == [id(n) for n in tree.suffix_nodes(kept)]
+    assert tree.active == tree.suffix_nodes(kept)
     tree.close()
     other = [rng.randint(0, 3) for _ in range(8)]
     tree.extend_all(other)
@@ -64,6 +66,8 @@ def test_tree_matches_brute_force_through_extend_remove_and_documents(seed):
     tree.remove_document(other)
     assert tree_counts(tree) == brute_counts([kept], depth)
     assert tree.size == len(kept)
+    tree.extend_all(other)  # reuses the freed nodes
+    assert tree_counts(tree) == brute_counts([kept, other], depth)
 
 
 def propose(drafter: SuffixDrafter, context: list[int], max_tokens: int = 8, controller=None):

@@ -27,7 +27,7 @@ from attrs import define, field, validators as v
 from specframe.interfaces import Drafter
 from specframe.types import Draft
 
-from .tree import Node, SuffixTree
+from .tree import SuffixTree
 
 
 @define
@@ -48,26 +48,28 @@ class Candidate:
         return total
 
 
-def longest_match(matches: list[Node], min_match: int, max_match: int) -> tuple[int, Node | None]:
+def longest_match(tree: SuffixTree, matches: list[int], min_match: int, max_match: int) -> tuple[int, int | None]:
     """Longest suffix (between min_match and max_match tokens) whose node has a continuation."""
     for length in range(min(len(matches), max_match), min_match - 1, -1):
-        if matches[length - 1].total > 0:
+        if tree.total[matches[length - 1]] > 0:
             return length, matches[length - 1]
     return 0, None
 
 
-def continuation(node: Node, match_length: int, limit: int, min_prob: float) -> Candidate:
+def continuation(tree: SuffixTree, node: int, match_length: int, limit: int, min_prob: float) -> Candidate:
     """Follow the most frequent child while the path's probability stays >= min_prob."""
     tokens, probabilities, cumulative = [], [], 1.0
-    while len(tokens) < limit and node.total > 0:
-        child = node.children[node.best]
-        p = child.count / node.total
+    while len(tokens) < limit:
+        step = tree.next_token(node)
+        if step is None:
+            break
+        token, p = step
         cumulative *= p
         if cumulative < min_prob:
             break
-        tokens.append(node.best)
+        tokens.append(token)
         probabilities.append(p)
-        node = child
+        node = tree.child(node, token)
     return Candidate(tokens, probabilities, match_length)
 
 
@@ -89,7 +91,7 @@ class SuffixDrafter(Drafter):
 
     local: SuffixTree | None = field(default=None, init=False, repr=False)
     corpus_tree: SuffixTree | None = field(default=None, init=False, repr=False)
-    corpus_matches: list[Node] = field(factory=list, init=False, repr=False)  # context suffixes in the corpus
+    corpus_matches: list[int] = field(factory=list, init=False, repr=False)  # context suffixes in the corpus
     corpus_documents: deque = field(factory=deque, init=False, repr=False)  # for eviction, oldest first
     prompt_length: int = field(default=0, init=False, repr=False)
 
@@ -162,15 +164,15 @@ class SuffixDrafter(Drafter):
 
     def _best_candidate(self, max_tokens: int) -> Candidate:
         best = Candidate([], [], 0)
-        sources = [self.local.active]
+        sources = [(self.local, self.local.active)]
         if self.corpus and self.corpus_tree.size:
-            sources.append(self.corpus_matches)
-        for matches in sources:
-            length, node = longest_match(matches, self.min_match, self.max_match)
+            sources.append((self.corpus_tree, self.corpus_matches))
+        for tree, matches in sources:
+            length, node = longest_match(tree, matches, self.min_match, self.max_match)
             if node is None:
                 continue
             limit = min(max_tokens, math.floor(self.spec_factor * length + self.spec_offset))
-            candidate = continuation(node, length, limit, self.min_prob)
+            candidate = continuation(tree, node, length, limit, self.min_prob)
             if candidate.expected_accepted > best.expected_accepted:
                 best = candidate
         return best
