@@ -134,3 +134,18 @@ def test_default_model_greedy_equality_with_the_shipped_head(default_model, cont
         decoder = SpeculativeDecoder(model, tokenizer, drafter="early_exit", controller=controller, registry=registry)
         result = decoder.generate(text, max_new_tokens=48)
         assert result.tokens == expected, f"early_exit+{controller} differs from plain greedy on {text!r}"
+
+
+def test_the_train_command_parses_and_records_every_option():
+    import argparse
+
+    from specframe.train import add_arguments, canonical_command, run
+
+    parser = argparse.ArgumentParser(prog="specframe train")
+    add_arguments(parser)
+    args = parser.parse_args(["early-exit", "--layer", "4", "--loss", "ce", "--store-layers", "2", "4"])
+    command = canonical_command(args)
+    assert command.startswith("specframe train early-exit ")
+    assert "--layer 4" in command and "--loss ce" in command and "--store-layers 2 4" in command
+    assert "--seed 0" in command and "--data-only" not in command
+    assert run(parser.parse_args([])) == 2  # no kind given: a clear error, not a traceback
