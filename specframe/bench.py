@@ -506,7 +506,7 @@ def _prepare_out(out: Path, args, methods: list[MethodSpec]) -> tuple[ResultsFil
             _check_resume(out, config)
     config.update(methods=[m.label for m in methods], baseline=args.baseline, repeats=args.repeats,
                   machine=_machine(), versions=_versions(),
-                  command=shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+                  command="specframe bench " + shlex.join(sys.argv[2 if sys.argv[1:2] == ["bench"] else 1:]))
     (out / RUN_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return results, config
 
@@ -610,7 +610,7 @@ class Bench:
                     raise SpecframeError(f"method {method.label!r} failed in warm-up: {exc}") from exc
 
     def run_all(self, prompts: list, ids: dict[str, list[int]]) -> None:
-        prompts = [p for p in prompts if p.id in ids]
+        prompts = _categories_interleaved([p for p in prompts if p.id in ids])
         todo = [(r, i, p, m) for r in range(self.args.repeats) for i, p in enumerate(prompts)
                 for m in _rotated(self.methods, i + r) if (p.id, m.label, r) not in self.done]
         bar = _progress(len(todo), self.args.no_progress)
@@ -635,6 +635,17 @@ class Bench:
                 "tokens_per_second": round(len(outcome.tokens) / outcome.seconds, 4) if outcome.seconds else 0.0,
                 "finish_reason": outcome.finish_reason, **peak_memory(), "stats": outcome.stats,
                 "tokens": outcome.tokens}
+
+
+def _categories_interleaved(prompts: list) -> list:
+    """One prompt of each category in turn, so that an interrupted run still covers them all."""
+    rank: dict[str, int] = {}
+    order = {c: i for i, c in enumerate(dict.fromkeys(p.category for p in prompts))}
+    keyed = []
+    for prompt in prompts:
+        rank[prompt.category] = rank.get(prompt.category, -1) + 1
+        keyed.append((rank[prompt.category], order[prompt.category], prompt))
+    return [prompt for *_, prompt in sorted(keyed, key=lambda k: k[:2])]
 
 
 def _rotated(items: list, shift: int) -> list:
