@@ -244,7 +244,7 @@ def _acceptance_tables(methods: dict) -> list[str]:
                                "{:.0%}") for i in range(width)] for k, m in drafting.items()]
     lines += _table(["method"] + [str(i + 1) for i in range(width)], rows)
     lengths = sorted({int(n) for m in drafting.values() for n in m["draft_length_histogram"]})
-    lines += ["", "## Draft lengths", "", "Rounds per number of drafted tokens (the prefill counts as a round of 0).", ""]
+    lines += ["", "## Draft lengths", "", "Rounds per number of drafted tokens.", ""]
     rows = [[f"`{k}`"] + [str(m["draft_length_histogram"].get(str(n), 0)) for n in lengths] for k, m in drafting.items()]
     return lines + _table(["method"] + [str(n) for n in lengths], rows)
 
