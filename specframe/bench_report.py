@@ -89,7 +89,7 @@ def _method_stats(records, chosen: dict, baseline: str, label: str, greedy: bool
         "new_tokens": tokens,
         "tokens_per_second": tokens / seconds if seconds else None,
         "speedup": mean_ci(_per_prompt_ratios(records, chosen, baseline)),
-        "mean_accepted_length": _ratio(sum(s["new_tokens"] for s in stats), sum(s["rounds"] for s in stats)),
+        "mean_accepted_length": _ratio(sum(s["new_tokens"] for s in stats), sum(map(_target_passes, stats))),
         **_mismatches(records, chosen, baseline, label, greedy),
     }
     if brief:
@@ -130,6 +130,16 @@ def _mismatches(records, chosen: dict, baseline: str, label: str, greedy: bool) 
             examples.append({"prompt_id": str(r["prompt_id"]), "repeat": r["repeat"], "first_difference": first,
                              "lengths": [len(mine), len(theirs)]})
     return {"compared": compared, "mismatches": len(examples), "mismatch_examples": examples}
+
+
+def _target_passes(stats: dict) -> int:
+    """Target forward passes of one generation, prefill included (as HF's count is).
+
+    HF records count every pass; specframe's engine counts rounds after the prefill, which
+    itself commits the first token.
+    """
+    engine = "drafted" in stats
+    return stats["rounds"] + (1 if engine and stats["new_tokens"] else 0)
 
 
 def _ratio(a: float, b: float) -> float | None:

@@ -204,6 +204,7 @@ def test_bench_end_to_end_is_lossless_and_writes_reports(model_dir, dataset, tmp
     for label, method in summary["methods"].items():
         assert method["mismatches"] in (None, 0), (label, method["mismatch_examples"])
     assert summary["methods"]["hf"]["mean_accepted_length"] == 1.0  # one token per forward pass
+    assert summary["methods"]["specframe"]["mean_accepted_length"] == 1.0  # the prefill pass counts too
     assert summary["methods"]["hf-early-exit:2"]["mean_accepted_length"] >= 1.0  # drafting passes not counted
     spec = summary["methods"]["ngram+heuristic"]
     assert spec["mean_accepted_length"] >= 1.0 and spec["position_accepts"]
