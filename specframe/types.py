@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections import Counter
 
 import torch
@@ -10,11 +11,15 @@ from attrs import field, frozen, validators as v
 from .errors import ConfigError
 
 
-def _check_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
-    bad = value <= low if low_open else value < low
-    if bad or value > high:
-        bracket = "(" if low_open else "["
-        raise ConfigError(f"{name} must be in {bracket}{low}, {high}], got {value!r}")
+MAX_TEMPERATURE = 1e4  # sampling is uniform long before this
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @frozen
@@ -27,14 +32,17 @@ class SamplingConfig:
     seed: int | None = None  # seeds the torch.Generator used for every random draw
 
     def __attrs_post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or self.temperature != self.temperature:
-            raise ConfigError(f"temperature must be a number >= 0, got {self.temperature!r}")
-        _check_range("temperature", float(self.temperature), 0.0, 1e4)
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        # NaN fails every comparison, so each range check is written to fail on it
+        if not _real(self.temperature) or not 0 <= self.temperature < float("inf"):
+            raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.temperature > MAX_TEMPERATURE:
+            raise ConfigError(f"temperature must be in [0.0, {MAX_TEMPERATURE}], got {self.temperature!r}")
+        if not _integer(self.top_k) or self.top_k < 0:
             raise ConfigError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        if not isinstance(self.top_p, (int, float)):
-            raise ConfigError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
-        _check_range("top_p", float(self.top_p), 0.0, 1.0, low_open=True)
+        if not _real(self.top_p) or not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be a number in (0, 1] (1 disables it), got {self.top_p!r}")
+        if self.seed is not None and (not _integer(self.seed) or not 0 <= self.seed < 2**64):
+            raise ConfigError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

@@ -22,6 +22,8 @@ from specframe import (
     UnknownComponentError,
 )
 
+from specframe.types import SamplingConfig
+
 from .conftest import tiny_llama
 from .test_cli import save_tiny_model
 
@@ -167,6 +169,18 @@ BAD_GENERATION = [
 def test_bad_generation_arguments(decoder, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         decoder.generate(PROMPT, **{"max_new_tokens": 4, **kwargs})
+
+
+# SamplingConfig built directly (plugins, the conformance kit, bench) rejects the same values,
+# NaN included; only the "too close to 0" check is the decoder's own (sampling handles tiny T).
+BAD_SAMPLING = [(k, m) for k, m in BAD_GENERATION
+                if set(k) <= {"temperature", "top_k", "top_p", "seed"} and "too close" not in m]
+
+
+@pytest.mark.parametrize("kwargs,match", BAD_SAMPLING, ids=[repr(k) for k, _ in BAD_SAMPLING])
+def test_sampling_config_built_directly_rejects_bad_values(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        SamplingConfig(**kwargs)
 
 
 BAD_PROMPTS = [
