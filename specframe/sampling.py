@@ -10,17 +10,29 @@ import torch
 
 from .types import SamplingConfig
 
+_SMALLEST_TEMPERATURE = torch.finfo(torch.float32).tiny  # below this T as a float32 may round to 0
+
 
 def probs_from_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
     """(T, V) logits -> (T, V) float32 probabilities after temperature, top-k and top-p.
 
     At temperature 0 the result is one-hot on the argmax, so greedy decoding is the special case
     of sampling where every distribution is a point mass.
+
+    Each row's maximum is subtracted before dividing by the temperature (softmax does not change
+    under that shift), so a tiny temperature cannot overflow to inf and give NaN: the scaled
+    logits are <= 0 with the maximum at 0. A temperature too small even for that (below the
+    smallest normal float32, where T would round to 0 and 0/0 is NaN) takes the limit T -> 0:
+    uniform over the tokens tied at the maximum, which is what larger tiny temperatures give.
     """
     logits = logits.float()
     if config.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / config.temperature
+    peak = logits.amax(-1, keepdim=True)  # (T, 1)
+    if config.temperature < _SMALLEST_TEMPERATURE:
+        logits = torch.zeros_like(logits).masked_fill(logits < peak, float("-inf"))
+    else:
+        logits = (logits - peak) / config.temperature
     if config.top_k and config.top_k < logits.shape[-1]:
         kth = torch.topk(logits, config.top_k, dim=-1).values[..., -1:]  # (T, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -90,6 +90,9 @@ def test_all_but_one_token_masked_samples_the_greedy_tokens(tiny_model, stub_tok
 @pytest.mark.parametrize("config", [
     SamplingConfig(1e-6), SamplingConfig(1e-6, top_k=1), SamplingConfig(1e-6, top_p=0.3), SamplingConfig(1.0, top_k=1),
     SamplingConfig(1.0, top_p=1e-12), SamplingConfig(1e4), SamplingConfig(1.0, top_k=10**9),
+    # tiny but positive temperatures (allowed when SamplingConfig is built directly): logits / T
+    # overflowed to inf (NaN probabilities) from ~1e-37, and T rounded to 0 in float32 below ~1e-45
+    SamplingConfig(1e-37), SamplingConfig(1e-40), SamplingConfig(1e-46, top_k=3), SamplingConfig(5e-324, top_p=0.5),
 ])
 def test_processed_distributions_stay_finite(config):
     generator = torch.Generator().manual_seed(0)
