@@ -1,4 +1,4 @@
-"""The `specframe` command line: run, plugins, train, bench."""
+"""The `specframe` command line: run, plugins, train, bench, costs."""
 
 from __future__ import annotations
 
@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugins(commands)
     _add_lazy(commands, "train", "specframe.train", "train an early-exit draft head by self-distillation")
     _add_lazy(commands, "bench", "specframe.bench", "compare methods on a prompt set (speed and losslessness)")
+    _add_lazy(commands, "costs", "specframe.costs",
+              "time forward passes over t tokens and the draft step: what speculation can earn here")
     return parser
 
 

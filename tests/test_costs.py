@@ -1,0 +1,42 @@
+"""`specframe costs`: the cost model (exact) and the measurement on a tiny model with a tiny head."""
+
+import pytest
+
+from specframe import cli
+from specframe.costs import expected_tokens, format_table, measure, parse_sizes, summarize
+from specframe.errors import ConfigError
+
+from .test_early_exit import train_tiny_head
+
+
+def test_expected_tokens_is_the_geometric_sum():
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_tokens(1.0, 3) == 4 and expected_tokens(0.0, 5) == 1
+
+
+def test_break_even_and_best_speedup_follow_from_the_costs():
+    ms = {1: 10.0, 2: 15.0, 4: 50.0, "draft": 1.0}  # t=2 costs 1.5 forwards; a draft step 0.1
+    rows = {row["draft_length"]: row for row in summarize(ms, [1, 2, 4], exit_layer=2)["draft_lengths"]}
+    assert rows[1]["round_cost"] == pytest.approx(1.6)
+    assert rows[1]["best_speedup"] == pytest.approx(2 / 1.6, abs=1e-3)
+    assert rows[1]["break_even_acceptance"] == pytest.approx(0.6, abs=1e-3)  # 1 + a = 1.6
+    assert rows[3]["round_cost"] == pytest.approx(5.3) and rows[3]["break_even_acceptance"] is None  # > 4 tokens
+
+
+def test_sizes_are_checked_with_a_clear_error(capsys):
+    assert parse_sizes("4,2") == [1, 2, 4]
+    for bad in ("2,x", "0,2", "1,100"):
+        with pytest.raises(ConfigError, match="--sizes"):
+            parse_sizes(bad)
+    assert cli.main(["costs", "--sizes", "two"]) == ConfigError.exit_code
+    assert "--sizes must be comma-separated whole numbers" in capsys.readouterr().err
+
+
+def test_measure_times_every_size_and_the_draft_step_and_leaves_no_state(tiny_model):
+    head, _, _ = train_tiny_head(tiny_model, steps_epochs=1)
+    result = measure(tiny_model, [1, 2, 3], context=20, repeats=3, head=head)
+    assert set(result["forward_ms"]) == {"1", "2", "3"} and result["relative"]["1"] == 1.0
+    assert result["draft_step_ms"] > 0 and result["exit_layer"] == head.exit_layer
+    assert [row["draft_length"] for row in result["draft_lengths"]] == [1, 2]
+    result["settings"] = {"context": 20, "dtype": "float32", "threads": 1, "repeats": 3}
+    assert "break-even acceptance" in format_table(result)
