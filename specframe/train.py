@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import ConfigError, SpecframeError
+
 DEFAULT_LAYERS = (2, 4, 6, 8, 12)  # layers whose outputs the distillation data stores
 
 
@@ -274,7 +276,9 @@ def _run_workers(model_dir, settings, directory, jobs, bar) -> None:
         while remaining:
             message = done.get()
             if isinstance(message, str):  # a worker failed
-                raise RuntimeError(f"a distillation-data worker failed: {message}")
+                raise SpecframeError(
+                    f"a distillation-data worker failed: {message.rstrip('.')}. The shards already finished are kept in "
+                    f"{directory}, so the same command resumes; run it with --workers 1 to see the full traceback")
             tokens += message
             remaining -= 1
             bar.set_postfix(tok_per_s=f"{tokens / (time.perf_counter() - started):.0f}")
@@ -466,8 +470,6 @@ class DistillSet:
 
 
 def _config_error(message: str):
-    from .errors import ConfigError
-
     return ConfigError(message)
 
 
@@ -717,6 +719,10 @@ def add_early_exit_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--threads", type=int, default=0, help="torch threads for training (0 = torch's default)")
 
 
+class UnknownTrainingOptionError(ConfigError, TypeError):
+    """default_args() got an option the command does not have (a TypeError too, as for any bad keyword)."""
+
+
 def default_args(**overrides) -> argparse.Namespace:
     """The command's defaults as a namespace, with overrides (for calling train_head from Python)."""
     parser = argparse.ArgumentParser()
@@ -724,7 +730,13 @@ def default_args(**overrides) -> argparse.Namespace:
     args = parser.parse_args([])
     unknown = set(overrides) - set(vars(args))
     if unknown:
-        raise TypeError(f"unknown training options {sorted(unknown)}")
+        import difflib
+
+        hints = [f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
+                 for name in sorted(unknown) for close in [difflib.get_close_matches(name, vars(args), n=1)]]
+        raise UnknownTrainingOptionError(
+            f"unknown training options {', '.join(hints)}; the options are the flags of "
+            f"`specframe train early-exit --help` with '-' written '_': {', '.join(sorted(vars(args)))}")
     vars(args).update(overrides)
     return args
 
@@ -750,8 +762,6 @@ def run(args) -> int:
     if getattr(args, "train_kind", None) != "early-exit":
         print("specframe: error: say what to train: `specframe train early-exit --help`", file=sys.stderr)
         return 2
-    from .errors import SpecframeError
-
     try:
         return _run_early_exit(args)
     except SpecframeError as exc:
@@ -767,7 +777,6 @@ def _run_early_exit(args) -> int:
     import torch
 
     from .data import sharegpt_prompts
-    from .errors import ConfigError
     from .heads import model_fingerprint
     from .models import cache_dir, load_model, resolve_device
 

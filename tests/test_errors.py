@@ -379,3 +379,28 @@ def test_early_exit_layer_errors(tiny_model, stub_tokenizer, registry):
                                  drafter_options={"layer": "4"}, registry=registry)
     with pytest.raises(SpecframeError, match=re.escape("exit layer must be in [1, 3], got 4")):
         decoder.generate(PROMPT, max_new_tokens=4)
+
+
+# ---- specframe train from Python ---------------------------------------------------------------
+def test_train_default_args_with_an_unknown_option():
+    from specframe.train import default_args
+
+    with pytest.raises(ConfigError, match="unknown training options 'epoch' \\(did you mean 'epochs'\\?\\)") as info:
+        default_args(epoch=3)
+    assert isinstance(info.value, TypeError)  # still what a bad keyword raises
+    assert default_args(epochs=3).epochs == 3
+
+
+def test_train_data_worker_failure_is_a_specframe_error(tmp_path):
+    """A failure inside a spawned data worker reaches the user as a SpecframeError (the CLI prints
+    it as one line, exit 2) that says what to do, not as a bare RuntimeError traceback."""
+    from specframe.train import _run_workers
+
+    class Bar:
+        def set_postfix(self, **kwargs): pass
+        def update(self, n): pass
+
+    missing = tmp_path / "no_model_here"
+    with pytest.raises(SpecframeError, match="worker failed: ModelLoadError: model path .* is not a directory.*"
+                                             "--workers 1 to see the full traceback"):
+        _run_workers(str(missing), {}, tmp_path, [[(0, [])]], Bar())
