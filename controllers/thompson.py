@@ -107,7 +107,9 @@ def _one_of(choices: tuple[str, ...]):
 
 
 def _parse_costs(value) -> tuple[float, ...]:
-    """'1,1.15,1.23' (from the command line) or a sequence of numbers -> a tuple of floats."""
+    """A sequence of numbers (or '1,1.15,1.23' when the class is built directly) -> a tuple of floats.
+
+    Options from the command line arrive already converted: specframe.plugins reads tuple[float, ...]."""
     items = value.split(",") if isinstance(value, str) else value
     try:
         return tuple(float(item) for item in items)
@@ -339,7 +341,7 @@ class CostAwareThompsonController(ThompsonBase):
     prior_alpha: float = field(default=1.0, validator=_number_in(0.0, 1e6, low_open=True))
     prior_beta: float = field(default=1.0, validator=_number_in(0.0, 1e6, low_open=True))
     draft_cost: float = field(default=CPU_DRAFT_COST, validator=_number_in(0.0, 1e6))
-    verify_costs: Sequence[float] | str = field(
+    verify_costs: tuple[float, ...] = field(
         default=CPU_FP32_VERIFY_COSTS, converter=_parse_costs, validator=_positive_costs
     )
     cost_prior_weight: float = field(default=2.0, validator=_number_in(0.0, 1e6, low_open=True))

@@ -7,9 +7,11 @@ Set SPECFRAME_DISABLE_PLUGIN_AUTOLOAD=1 to skip entry points (the tests do).
 
 from __future__ import annotations
 
+import collections.abc
 import importlib
 import math
 import os
+import types
 import typing
 from importlib import metadata
 
@@ -177,25 +179,54 @@ def coerce_options(part: PartInfo, options: dict) -> dict:
     return options
 
 
+_SEQUENCES = {tuple: tuple, list: list, collections.abc.Sequence: tuple}  # hint origin -> built type
+
+
 def _convert(part: PartInfo, key: str, value: str, hint) -> object:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = args[0] if args else hint
+    """A string option (from `--drafter-opt k=4` and the like) as the field's type.
+
+    Optional[X] and unions use their first member that is not None. tuple[X, ...], list[X] and
+    Sequence[X] read "a,b,c" (an empty string is empty), tuple[X, Y] exactly that many items.
+    Types other than bool, int, float and these sequences get the string unchanged.
+    """
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next((a for a in typing.get_args(hint) if a is not type(None)), str)
+    origin = typing.get_origin(hint) or (hint if hint in _SEQUENCES else None)
+    if origin not in _SEQUENCES:
+        return _convert_one(part, key, value, hint, value)
+    args = typing.get_args(hint)
+    items = [item.strip() for item in value.split(",")] if value.strip() else []
+    if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[X, Y]: a fixed length
+        if len(items) != len(args):
+            raise ConfigError(f"option {key!r} of {part.kind} {part.name!r} must be {len(args)} values separated "
+                              f"by commas, got {value!r}")
+        item_types = args
+    else:
+        item_types = [args[0] if args else str] * len(items)
+    return _SEQUENCES[origin](_convert_one(part, key, item, t, value, many=True) for item, t in zip(items, item_types))
+
+
+def _convert_one(part: PartInfo, key: str, value: str, hint, whole: str, many: bool = False) -> object:
     try:
-        if base is bool:
+        if hint is bool:
             if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
                 raise ValueError(value)
             return value.lower() in ("1", "true", "yes")
-        if base is int:
+        if hint is int:
             return int(value)
-        if base is float:
+        if hint is float:
             number = float(value)
             if not math.isfinite(number):
                 raise ValueError(value)
             return number
     except ValueError:
+        if many:
+            what = {bool: "true/false values", int: "integers", float: "finite numbers"}[hint]
+            raise ConfigError(f"option {key!r} of {part.kind} {part.name!r} must be {what} separated by commas "
+                              f"(e.g. 1,2,3), got {whole!r}") from None
         raise ConfigError(
-            f"option {key!r} of {part.kind} {part.name!r} must be {'a finite ' if base is float else ''}"
-            f"{base.__name__}, got {value!r}"
+            f"option {key!r} of {part.kind} {part.name!r} must be {'a finite ' if hint is float else ''}"
+            f"{hint.__name__}, got {value!r}"
         ) from None
     return value
 

@@ -9,8 +9,10 @@ from importlib import metadata
 
 import pytest
 
-from specframe import PluginLoadError, UnknownComponentError
-from specframe.plugins import ENTRY_POINT_GROUP, PluginRegistry
+import attrs
+
+from specframe import ConfigError, PluginLoadError, UnknownComponentError
+from specframe.plugins import ENTRY_POINT_GROUP, PartInfo, PluginRegistry, coerce_options
 
 GOOD = '''
 import specframe
@@ -136,3 +138,31 @@ def test_option_errors_are_clear(registry):
         registry.create("controller", "fixed", {"k": "many"})
     with pytest.raises(ConfigError):
         registry.create("controller", "fixed", {"k": "0"})
+
+
+@attrs.define
+class _SequenceOptions:
+    """A part whose options are sequences, as a plugin might declare them."""
+
+    costs: tuple[float, ...] = (1.0,)
+    sizes: list[int] = attrs.field(factory=list)
+    pair: tuple[int, str] = (0, "")
+    maybe: tuple[int, ...] | None = None
+    flags: tuple[bool, ...] = ()
+    k: int = 1
+
+
+def test_sequence_options_are_read_from_comma_separated_strings():
+    part = PartInfo("controller", "seq", _SequenceOptions, "test", "0")
+    options = coerce_options(part, {"costs": "1, 1.5,2", "sizes": "3,4", "pair": "5,x", "maybe": "7",
+                                    "flags": "true,no", "k": "2"})
+    assert options == {"costs": (1.0, 1.5, 2.0), "sizes": [3, 4], "pair": (5, "x"), "maybe": (7,),
+                       "flags": (True, False), "k": 2}
+    assert coerce_options(part, {"costs": ""}) == {"costs": ()}
+    with pytest.raises(ConfigError, match="option 'costs' of controller 'seq' must be finite numbers separated by "
+                                          "commas .*got '1,x'"):
+        coerce_options(part, {"costs": "1,x"})
+    with pytest.raises(ConfigError, match="option 'sizes' .* must be integers separated by commas"):
+        coerce_options(part, {"sizes": "1.5"})
+    with pytest.raises(ConfigError, match="option 'pair' .* must be 2 values separated by commas, got '5'"):
+        coerce_options(part, {"pair": "5"})
