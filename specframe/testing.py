@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from attrs import define, field, frozen, validators as v
 
-from .checks import check_draft, check_verdict
+from .checks import MAX_DRAFT_LENGTH, check_draft, check_verdict
 from .engine import Parts, generate_tokens
 from .errors import PluginContractError
 from .interfaces import Controller, Drafter, Verifier
@@ -80,7 +80,9 @@ class KitSettings:
     top_p: float = 1.0
     greedy_tokens: int = field(default=40, validator=v.ge(4))  # new tokens in the greedy test
     max_draft: int = field(default=4, validator=v.ge(1))  # drafts per round the kit asks for
-    max_draft_cap: int = 64  # a controller's max_draft() must stay in [0, max_draft_cap]
+    # a controller's max_draft() must stay in [0, max_draft_cap]: by default the engine's own limit,
+    # so the kit passes what the engine accepts; lower it to hold a part to a tighter bound
+    max_draft_cap: int = field(default=MAX_DRAFT_LENGTH, validator=[v.ge(0), v.le(MAX_DRAFT_LENGTH)])
 
     @property
     def sampling(self) -> SamplingConfig:

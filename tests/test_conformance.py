@@ -6,8 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attrs import define
+
+import specframe
 from specframe import testing
+from specframe.checks import MAX_DRAFT_LENGTH, clamp_draft_budget
+from specframe.errors import PluginContractError
 from specframe.errors import UnknownComponentError
+from specframe.interfaces import Controller
 from specframe.plugins import PluginRegistry
 from specframe.target import TargetModel
 from specframe.testing import ConformanceError, KitSettings
@@ -88,6 +94,41 @@ def test_a_controller_outside_its_bounds_is_caught():
     error = assert_caught(lambda: testing.check_controller("float_k", BROKEN, settings=FAST), "float_k",
                           "max_draft is an int in bounds, keep_drafting a bool, update takes any RoundStats")
     assert "max_draft() returned 4.0" in str(error)
+
+
+@define
+class _LongController(Controller):
+    """Always asks for k drafts: valid for the engine up to its limit, MAX_DRAFT_LENGTH."""
+
+    k: int = 100
+
+    def max_draft(self) -> int:
+        return self.k
+
+    def keep_drafting(self, drafted, confidence) -> bool:
+        return True
+
+
+class _LongPlugin:
+    @specframe.hookimpl
+    def register_controllers(self, register):
+        register("long_k", _LongController)
+
+
+def test_the_kit_and_the_engine_agree_on_the_draft_length_limit():
+    """A max_draft() the engine accepts passes the kit's contract check, one it rejects fails it."""
+    registry = PluginRegistry(autoload=False, extra_plugins=[_LongPlugin()])
+    for k in (100, MAX_DRAFT_LENGTH):
+        assert clamp_draft_budget(k, 5, "test") == 5
+        assert testing.check_controller("long_k", registry, settings=FAST, only=("contract",), k=k).passed
+    with pytest.raises(PluginContractError, match=f"max_draft\\(\\) returns an int in \\[0, {MAX_DRAFT_LENGTH}\\]"):
+        clamp_draft_budget(MAX_DRAFT_LENGTH + 1, 5, "test")
+    report = testing.check_controller("long_k", registry, settings=FAST, only=("contract",), raise_on_failure=False,
+                                      k=MAX_DRAFT_LENGTH + 1)
+    assert not report.passed and f"it must be an int in [0, {MAX_DRAFT_LENGTH}]" in str(report)
+    tighter = KitSettings(samples=500, draws=150, max_draft_cap=64)  # a part can be held to less
+    assert not testing.check_controller("long_k", registry, settings=tighter, only=("contract",),
+                                        raise_on_failure=False).passed
 
 
 def test_the_report_can_be_returned_instead_of_raised():
