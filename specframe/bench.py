@@ -473,8 +473,8 @@ def _resolve_methods(args) -> list[MethodSpec]:
     registry = get_registry()
     text = args.methods
     if text is None:
-        eesd = "early_exit" in registry.names("drafter") and "thompson" in registry.names("controller")
-        text = "hf,hf-prompt-lookup,specframe," + ("early_exit+thompson" if eesd else "ngram+heuristic")
+        eesd = "early_exit" in registry.names("drafter") and "thompson_cost" in registry.names("controller")
+        text = "hf,hf-prompt-lookup,specframe," + ("early_exit+thompson_cost" if eesd else "ngram+heuristic")
     methods = parse_methods(text, registry)
     baseline = parse_method(args.baseline, registry)
     labels = [m.label for m in methods]

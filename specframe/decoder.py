@@ -25,7 +25,7 @@ from .target import TargetModel
 from .types import GenerationResult, GenerationStats, SamplingConfig
 
 DEFAULT_DRAFTER = "early_exit"
-DEFAULT_CONTROLLER = "thompson"
+DEFAULT_CONTROLLER = "thompson_cost"  # cost-aware Thompson sampling: measured best here, docs/eesd.md
 DEFAULT_VERIFIER = "auto"
 PLAIN = "none"  # drafter name for plain autoregressive decoding through the same engine
 MAX_NEW_TOKENS_LIMIT = 1_000_000
