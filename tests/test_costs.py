@@ -32,9 +32,10 @@ def test_sizes_are_checked_with_a_clear_error(capsys):
     assert "--sizes must be comma-separated whole numbers" in capsys.readouterr().err
 
 
-def test_measure_times_every_size_and_the_draft_step_and_leaves_no_state(tiny_model):
+def test_measure_times_every_size_and_the_draft_step(tiny_model):
     head, _, _ = train_tiny_head(tiny_model, steps_epochs=1)
     result = measure(tiny_model, [1, 2, 3], context=20, repeats=3, head=head)
+    assert head.length == 20  # the draft step's position was rolled back after every timing
     assert set(result["forward_ms"]) == {"1", "2", "3"} and result["relative"]["1"] == 1.0
     assert result["draft_step_ms"] > 0 and result["exit_layer"] == head.exit_layer
     assert [row["draft_length"] for row in result["draft_lengths"]] == [1, 2]
