@@ -397,7 +397,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     methods = parser.add_argument_group("methods")
     methods.add_argument("--methods", default=None,
                          help="comma-separated method specs (see below); default hf,hf-prompt-lookup,specframe "
-                              "plus early_exit+thompson when registered, else ngram+heuristic")
+                              "plus early_exit+thompson_cost (the default EESD) when registered, else ngram+heuristic")
     methods.add_argument("--baseline", default="hf", help="the method speedups are measured against (default hf); "
                          "added to --methods when missing")
     methods.add_argument("--assistant-model", default=None, metavar="PATH",
