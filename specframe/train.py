@@ -274,11 +274,7 @@ def _run_workers(model_dir, settings, directory, jobs, bar) -> None:
     remaining, started, tokens = sum(len(job) for job in jobs), time.perf_counter(), 0
     try:
         while remaining:
-            message = done.get()
-            if isinstance(message, str):  # a worker failed
-                raise SpecframeError(
-                    f"a distillation-data worker failed: {message.rstrip('.')}. The shards already finished are kept in "
-                    f"{directory}, so the same command resumes; run it with --workers 1 to see the full traceback")
+            message = next_worker_message(done, processes, directory)
             tokens += message
             remaining -= 1
             bar.set_postfix(tok_per_s=f"{tokens / (time.perf_counter() - started):.0f}")
@@ -286,6 +282,30 @@ def _run_workers(model_dir, settings, directory, jobs, bar) -> None:
     finally:
         for process in processes:
             process.join(timeout=1) if not remaining else process.terminate()
+
+
+def next_worker_message(done, processes, directory, poll_seconds: float = 5.0) -> int:
+    """The next shard's token count from the workers' queue; a clear error if a worker failed or died.
+
+    A worker that dies without reporting (killed, for example by the out-of-memory killer) would
+    otherwise leave the wait hanging: between messages, the workers' exit codes are checked.
+    """
+    import queue
+
+    resume = (f"The shards already finished are kept in {directory}, so the same command resumes; "
+              "run it with --workers 1 to see the full traceback")
+    while True:
+        try:
+            message = done.get(timeout=poll_seconds)
+        except queue.Empty:
+            dead = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+            if dead:
+                raise SpecframeError(f"a distillation-data worker died with exit code {dead[0]} (a negative code is "
+                                     f"the signal that killed it, -9 often the out-of-memory killer). {resume}") from None
+            continue
+        if isinstance(message, str):  # a worker failed and said why
+            raise SpecframeError(f"a distillation-data worker failed: {message.rstrip('.')}. {resume}")
+        return message
 
 
 def _generate_shards(model_dir, settings, directory, job, done, bar, threads: int | None = None) -> None:

@@ -404,3 +404,20 @@ def test_train_data_worker_failure_is_a_specframe_error(tmp_path):
     with pytest.raises(SpecframeError, match="worker failed: ModelLoadError: model path .* is not a directory.*"
                                              "--workers 1 to see the full traceback"):
         _run_workers(str(missing), {}, tmp_path, [[(0, [])]], Bar())
+
+
+def test_train_data_worker_that_dies_silently_is_reported_not_waited_for(tmp_path):
+    """A worker killed without a word (e.g. by the OOM killer) must end the wait with a clear error."""
+    import queue
+
+    from specframe.train import next_worker_message
+
+    class Worker:  # stands in for a multiprocessing.Process: only its exit code is read
+        def __init__(self, exitcode):
+            self.exitcode = exitcode
+
+    done = queue.Queue()
+    done.put(123)
+    assert next_worker_message(done, [Worker(None)], tmp_path, poll_seconds=0.01) == 123
+    with pytest.raises(SpecframeError, match="died with exit code -9 .*out-of-memory.*the same command resumes"):
+        next_worker_message(done, [Worker(0), Worker(-9)], tmp_path, poll_seconds=0.01)
