@@ -5,7 +5,9 @@ costs much less than k + 1 one-token passes. This command times, interleaved and
 context, one target pass over t new tokens (t = 1, 2, ...) and, when an early-exit head is
 available, one EESD draft step, all relative to a one-token pass. From these it prints the
 per-token acceptance needed to break even at each draft length k, and the best speedup
-possible (every draft accepted).
+possible (every draft accepted). A round is costed as k draft steps plus a full pass over
+k + 1 tokens; an early-exit verification reuses the drafts' first N layers, so for EESD this
+overstates a round by about N / L of a forward per draft (2 / 30 for the shipped head).
 
 Examples:
   specframe costs                              # default model, shipped head, 1 thread
