@@ -7,20 +7,14 @@ The conformance kit (`specframe.testing`) runs the same checks. Shapes: K drafts
 
 from __future__ import annotations
 
-import numbers
 
 import torch
 
 from .errors import PluginContractError
-from .types import Draft, Verdict
+from .types import Draft, Verdict, is_int  # noqa: F401 - is_int is part of this module's checks
 
 Q_SUM_TOLERANCE = 1e-3
 MAX_DRAFT_LENGTH = 1024  # a controller asking for more drafts than this in one round is broken
-
-
-def is_int(value) -> bool:
-    """A true integer (Python or NumPy), not a bool, a float or a tensor."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def clamp_draft_budget(asked, budget: int, plugin: str, part: str | None = None) -> int:

@@ -7,8 +7,6 @@ subclass (mostly `ConfigError`) whose message names the argument, the value and 
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -22,7 +20,7 @@ from .errors import ConfigError, ModelLoadError, SpecframeError
 from .plugins import PluginRegistry, get_registry
 from .sampling import Sampler
 from .target import TargetModel
-from .types import GenerationResult, GenerationStats, SamplingConfig
+from .types import GenerationResult, GenerationStats, SamplingConfig, is_real
 
 DEFAULT_DRAFTER = "early_exit"
 DEFAULT_CONTROLLER = "thompson_cost"  # cost-aware Thompson sampling: measured best here, docs/eesd.md
@@ -30,7 +28,6 @@ DEFAULT_VERIFIER = "auto"
 PLAIN = "none"  # drafter name for plain autoregressive decoding through the same engine
 MAX_NEW_TOKENS_LIMIT = 1_000_000
 MIN_TEMPERATURE = 1e-6  # below this (but > 0) float32 sampling gains nothing over greedy and risks overflow
-MAX_SEED = 2**64  # torch generators take seeds in [0, 2**64)
 
 
 class SpeculativeDecoder:
@@ -265,23 +262,15 @@ def _encoder_only(config) -> bool:
     return model_type in masked and not (getattr(config, "is_decoder", False) or getattr(config, "causal", False))
 
 
-def _real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def sampling_config(temperature, top_k, top_p, seed) -> SamplingConfig:
-    """A SamplingConfig from user values, with a ConfigError for each bad one."""
-    if not _real(temperature) or not math.isfinite(temperature) or temperature < 0:
-        raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if 0 < temperature < MIN_TEMPERATURE:
+    """A SamplingConfig from user values, with a ConfigError for each bad one.
+
+    SamplingConfig checks every value; the decoder also refuses tiny positive temperatures.
+    """
+    if is_real(temperature) and 0 < temperature < MIN_TEMPERATURE:
         raise ConfigError(f"temperature {temperature!r} is too close to 0 to sample from; use 0 for greedy "
                           f"decoding or a temperature >= {MIN_TEMPERATURE}")
-    if not is_int(top_k) or top_k < 0:
-        raise ConfigError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
-    if not _real(top_p) or not 0 < top_p <= 1:  # NaN fails too
-        raise ConfigError(f"top_p must be a number in (0, 1] (1 disables it), got {top_p!r}")
-    if seed is not None and (not is_int(seed) or not 0 <= seed < MAX_SEED):
-        raise ConfigError(f"seed must be an integer in [0, 2**64) or None, got {seed!r}")
+    SamplingConfig(temperature, top_k, top_p, seed)  # raises the ConfigError for a bad value
     return SamplingConfig(float(temperature), int(top_k), float(top_p), None if seed is None else int(seed))
 
 

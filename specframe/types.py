@@ -14,11 +14,13 @@ from .errors import ConfigError
 MAX_TEMPERATURE = 1e4  # sampling is uniform long before this
 
 
-def _real(value) -> bool:
+def is_real(value) -> bool:
+    """A real number (Python or NumPy, NaN and inf included), not a bool or a tensor."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _integer(value) -> bool:
+def is_int(value) -> bool:
+    """A true integer (Python or NumPy), not a bool, a float or a tensor."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -33,15 +35,15 @@ class SamplingConfig:
 
     def __attrs_post_init__(self) -> None:
         # NaN fails every comparison, so each range check is written to fail on it
-        if not _real(self.temperature) or not 0 <= self.temperature < float("inf"):
+        if not is_real(self.temperature) or not 0 <= self.temperature < float("inf"):
             raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if self.temperature > MAX_TEMPERATURE:
             raise ConfigError(f"temperature must be in [0.0, {MAX_TEMPERATURE}], got {self.temperature!r}")
-        if not _integer(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise ConfigError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        if not _real(self.top_p) or not 0 < self.top_p <= 1:
+        if not is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be a number in (0, 1] (1 disables it), got {self.top_p!r}")
-        if self.seed is not None and (not _integer(self.seed) or not 0 <= self.seed < 2**64):
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**64):
             raise ConfigError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")
 
     @property
