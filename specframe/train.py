@@ -368,7 +368,7 @@ class DistillSet:
             shard = load_file(str(path))
             key = f"hidden_{layer}"
             if key not in shard:
-                raise _config_error(f"{path} has no states for layer {layer}; its layers are "
+                raise ConfigError(f"{path} has no states for layer {layer}; its layers are "
                                           f"{sorted(k for k in shard if k.startswith('hidden_'))}")
             hidden.append(shard[key])
             self.tokens.append(shard["tokens"].long())
@@ -489,10 +489,6 @@ class DistillSet:
         return [t.to(device) for t in (hidden, ids, logprobs, valid, answer, weight)]
 
 
-def _config_error(message: str):
-    return ConfigError(message)
-
-
 def reduced_vocabulary(sets: list[DistillSet], size: int, always: list[int], vocab_size: int):
     """The `size` most frequent target argmax tokens (plus `always`), sorted; None for the full vocabulary."""
     import torch
@@ -504,6 +500,17 @@ def reduced_vocabulary(sets: list[DistillSet], size: int, always: list[int], voc
         counts += torch.bincount(data.top_ids[:, 0], minlength=vocab_size)
     counts[torch.tensor(always, dtype=torch.long)] = counts.max() + 1
     return torch.sort(torch.topk(counts, size).indices).values
+
+
+def head_vocab_map(head, device):
+    """(V,) target id -> column of the head's reduced vocabulary, -1 outside it; None for a full vocabulary."""
+    import torch
+
+    if head.vocab_ids is None:
+        return None
+    vocab_map = torch.full((head.full_vocab_size,), -1, dtype=torch.long, device=device)
+    vocab_map[head.vocab_ids.to(device)] = torch.arange(len(head.vocab_ids), device=device)
+    return vocab_map
 
 
 def head_targets(ids, logprobs, vocab_map):
@@ -605,10 +612,7 @@ def train_head(model, train: DistillSet, heldout: DistillSet | None, args, vocab
     device = next(model.parameters()).device
     torch.manual_seed(args.seed)
     head = EarlyExitHead(model, args.layer, args.head_layers, vocab_ids).to(device).float().train()
-    vocab_map = None
-    if vocab_ids is not None:
-        vocab_map = torch.full((head.full_vocab_size,), -1, dtype=torch.long, device=device)
-        vocab_map[vocab_ids.to(device)] = torch.arange(len(vocab_ids), device=device)
+    vocab_map = head_vocab_map(head, device)
     parameters = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
     generator = torch.Generator().manual_seed(args.seed)
@@ -896,10 +900,7 @@ def _evaluate_only(args) -> int:
                                data_dir(model_fingerprint(model), settings, "heldout"),
                                math.ceil(args.heldout_prompts / args.gen_batch_size), label="heldout")
     heldout = DistillSet(paths, head.exit_layer)
-    vocab_map = None
-    if head.vocab_ids is not None:
-        vocab_map = torch.full((head.full_vocab_size,), -1, dtype=torch.long, device=device)
-        vocab_map[head.vocab_ids.to(device)] = torch.arange(len(head.vocab_ids), device=device)
+    vocab_map = head_vocab_map(head, device)
     result = {"head": str(args.evaluate), "exit_layer": head.exit_layer,
               "reduced_vocab": None if head.vocab_ids is None else int(head.vocab_ids.numel()),
               **evaluate(head, heldout, vocab_map, device)}
