@@ -62,6 +62,7 @@ from collections.abc import Sequence
 
 from attrs import define, field
 
+from specframe.costs import expected_tokens
 from specframe.errors import ConfigError
 from specframe.interfaces import Controller
 from specframe.types import RoundStats
@@ -302,11 +303,6 @@ class CalibratedThompsonController(StoppingThompson):
 
 
 # ---- cost-aware -------------------------------------------------------------------------------
-def expected_tokens(theta: float, k: int) -> float:
-    """Tokens a round drafting k commits on average: 1 + θ + … + θ^k (accepted drafts + 1)."""
-    return float(k + 1) if theta >= 1.0 else (1.0 - theta ** (k + 1)) / (1.0 - theta)
-
-
 def best_length(theta: float, seconds: Sequence[float], min_k: int = 0) -> int:
     """The k in [min_k, len(seconds) - 1] with the most expected tokens per second, where
     seconds[k] is a round's cost when drafting k. Ties go to the shorter draft."""

@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     from .models import load_model
 
     model, _ = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.context + sizes[-1] > _context_limit(model):
+        raise ConfigError(f"--context {args.context} plus {sizes[-1]} new tokens exceeds the model's context")
     result = measure(model, sizes, args.context, args.repeats, _head(model, args.head))
     result["settings"] = {"model": args.model or "default", "dtype": str(next(model.parameters()).dtype),
                           "threads": args.threads, "context": args.context, "repeats": args.repeats}
@@ -93,8 +95,6 @@ def measure(model, sizes: list[int], context: int, repeats: int, head=None) -> d
     target = TargetModel(model)
     if head is not None:
         target.enable_split(head.exit_layer)
-    if context + max(sizes) > _context_limit(model):
-        raise ConfigError(f"--context {context} plus {max(sizes)} new tokens exceeds the model's context")
     generator = torch.Generator().manual_seed(0)
     low = min(100, target.vocab_size // 2)  # skip special tokens at the start of large vocabularies
     ids = torch.randint(low, min(20000, target.vocab_size), (context + max(sizes),), generator=generator)
@@ -151,8 +151,9 @@ def summarize(ms: dict, sizes: list[int], exit_layer: int | None) -> dict:
 
 
 def expected_tokens(acceptance: float, k: int) -> float:
-    """Tokens one round commits with k drafts, each accepted with probability `acceptance`."""
-    return sum(acceptance**i for i in range(k + 1))
+    """Tokens one round commits with k drafts, each accepted with probability `acceptance`:
+    1 + a + … + a^k (the accepted drafts and the target's own token). Also thompson_cost's model."""
+    return float(k + 1) if acceptance >= 1.0 else (1.0 - acceptance ** (k + 1)) / (1.0 - acceptance)
 
 
 def _break_even(k: int, cost: float) -> float | None:

@@ -657,34 +657,11 @@ def measure_draft_cost(model, head, context_tokens: int = 300, repeats: int = 30
     forward, interleaved, at a context of `context_tokens` tokens, through specframe's own paths."""
     import torch
 
-    from .target import TargetModel
+    from .costs import measure
 
-    target = TargetModel(model)
-    target.enable_split(head.exit_layer)
-    ids = torch.randint(100, min(20000, target.vocab_size), (context_tokens,), generator=torch.Generator().manual_seed(0))
-    target.forward(ids)
-    head.reset_cache()
-    head.extend(target.hidden_at_split(0, context_tokens), logits=False)
-    token = torch.tensor([int(ids[-1])])
-
-    def full():
-        target.forward(token)
-        target.rollback(context_tokens)
-
-    def draft():
-        head.to_full_vocab(head.extend(target.lower(token)))
-        target.rollback(context_tokens)
-        head.rollback(context_tokens)
-
-    times = {"full": [], "draft": []}
-    for _ in range(repeats):
-        for name, fn in (("full", full), ("draft", draft)):
-            started = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - started)
-    full_ms, draft_ms = (1000 * sorted(times[k])[len(times[k]) // 2] for k in ("full", "draft"))
-    return {"full_forward_ms": round(full_ms, 2), "draft_step_ms": round(draft_ms, 2),
-            "draft_step_over_forward": round(draft_ms / full_ms, 3), "context_tokens": context_tokens,
+    result = measure(model, [1], context_tokens, repeats, head)
+    return {"full_forward_ms": result["forward_ms"]["1"], "draft_step_ms": result["draft_step_ms"],
+            "draft_step_over_forward": result["draft_step_over_forward"], "context_tokens": context_tokens,
             "torch_threads": torch.get_num_threads()}
 
 

@@ -41,3 +41,12 @@ def test_measure_times_every_size_and_the_draft_step(tiny_model):
     assert [row["draft_length"] for row in result["draft_lengths"]] == [1, 2]
     result["settings"] = {"context": 20, "dtype": "float32", "threads": 1, "repeats": 3}
     assert "break-even acceptance" in format_table(result)
+
+
+def test_training_records_the_draft_cost_through_the_same_measurement(tiny_model):
+    from specframe.train import measure_draft_cost
+
+    head, _, _ = train_tiny_head(tiny_model, steps_epochs=1)
+    cost = measure_draft_cost(tiny_model, head, context_tokens=20, repeats=3)
+    assert cost["full_forward_ms"] > 0 and cost["draft_step_ms"] > 0 and cost["context_tokens"] == 20
+    assert cost["draft_step_over_forward"] == pytest.approx(cost["draft_step_ms"] / cost["full_forward_ms"], rel=0.02)
