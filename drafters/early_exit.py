@@ -92,14 +92,13 @@ def lower_states(target, ids: list[int], layer: int) -> torch.Tensor:
 
     Used when the target prefilled the prompt before the split was enabled.
     """
-    from specframe.heads import _causal_mask
-    from specframe.target import KVCache
+    from specframe.target import KVCache, causal_mask
 
     inner = target.model.model
     x = inner.embed_tokens(torch.tensor(ids, device=target.device)[None])  # (1, T, C)
     position_ids = torch.arange(len(ids), device=target.device)[None]
     rope = inner.rotary_emb(x, position_ids=position_ids)
-    mask = _causal_mask(len(ids), 0, target.device)
+    mask = causal_mask(len(ids), 0, target.device)
     scratch = KVCache()
     for block in inner.layers[:layer]:
         x = block(x, attention_mask=mask, position_ids=position_ids, cache=scratch, use_cache=True,

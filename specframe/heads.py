@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import ModelMismatchError, SpecframeError
+from .target import causal_mask
 
 FORMAT_VERSION = 1
 SHIPPED_DIR = Path(__file__).parent / "heads"
@@ -91,15 +92,6 @@ def _is_target(obj) -> bool:
 
 def _hf_model(model_or_target):
     return model_or_target.model if _is_target(model_or_target) else model_or_target
-
-
-def _causal_mask(T: int, start: int, device) -> torch.Tensor | None:
-    """(1, 1, T, start + T) bool mask: position i sees cached positions and new ones <= i."""
-    if T == 1:
-        return None
-    key_pos = torch.arange(start + T, device=device)
-    query_pos = torch.arange(start, start + T, device=device)[:, None]
-    return (key_pos[None, :] <= query_pos)[None, None]
 
 
 # ---- the head ---------------------------------------------------------------------------------
@@ -210,7 +202,7 @@ class EarlyExitHead(nn.Module):
         B, T, C = hidden.shape
         position_ids = torch.arange(T, device=hidden.device)[None].expand(B, T)
         rope = self.rotary(hidden, position_ids=position_ids)
-        mask = _causal_mask(T, 0, hidden.device)
+        mask = causal_mask(T, 0, hidden.device)
         x = hidden
         for layer in self.layers:
             x = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=rope,
@@ -231,7 +223,7 @@ class EarlyExitHead(nn.Module):
         position_ids = torch.arange(self.length, self.length + T, device=hidden.device)[None]
         x = hidden[None]  # (1, T, C)
         rope = self.rotary(x, position_ids=position_ids)
-        mask = _causal_mask(T, self.length, hidden.device)
+        mask = causal_mask(T, self.length, hidden.device)
         for layer in self.layers:
             x = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=rope,
                       cache=self.cache, use_cache=True)

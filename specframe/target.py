@@ -72,7 +72,7 @@ def is_layered(model) -> bool:
     return inner is not None and hasattr(model, "lm_head") and all(hasattr(inner, p) for p in _LAYERED_PARTS)
 
 
-def _causal_mask(T: int, start: int, device) -> torch.Tensor | None:
+def causal_mask(T: int, start: int, device) -> torch.Tensor | None:
     """(1, 1, T, start + T) bool mask: new token i sees cached tokens and new tokens <= i."""
     if T == 1:
         return None
@@ -169,7 +169,7 @@ class TargetModel:
         position_ids = torch.arange(start, start + T, device=self.device)[None]
         x = hidden[None]  # (1, T, C)
         rope = inner.rotary_emb(x, position_ids=position_ids)
-        mask = _causal_mask(T, start, self.device)
+        mask = causal_mask(T, start, self.device)
         for layer in inner.layers[first:last]:
             x = layer(x, attention_mask=mask, position_ids=position_ids, cache=self.cache,
                       use_cache=True, position_embeddings=rope)
