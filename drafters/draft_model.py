@@ -36,7 +36,7 @@ class DraftModelDrafter(Drafter):
     def _catch_up(self, context: list[int]) -> torch.Tensor:
         """Feed the tokens the draft model has not seen; return its (V,) logits for the next one."""
         unseen = torch.tensor(context[self.drafter_model.length :], dtype=torch.long)
-        return self.drafter_model.forward(unseen)[-1].float()
+        return self.drafter_model.forward(unseen, logits_to_keep=1)[-1].float()
 
     def propose(self, context, max_tokens, controller, sampler) -> Draft:
         first = [True]

@@ -93,7 +93,7 @@ def generate_tokens(
     target = parts.target
     # 1. Prefill the prompt in one pass; the first new token comes from its last position.
     target.reset()
-    first = sampler.sample(sampler.probs(target.forward(torch.tensor(prompt_ids))[-1:])[0])
+    first = sampler.sample(sampler.probs(target.forward(torch.tensor(prompt_ids), logits_to_keep=1))[0])
     committed, finish = _commit([first], eos_token_ids, max_new_tokens)
     context = list(prompt_ids) + committed
     recorder.new_tokens += len(committed)

@@ -13,6 +13,7 @@ Shapes: T new tokens, S cached tokens, C hidden size, V vocabulary.
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 from transformers import DynamicCache
@@ -97,6 +98,7 @@ class TargetModel:
         self.vocab_size = head.weight.shape[0] if head is not None else text_config.vocab_size
         self.num_layers = text_config.num_hidden_layers
         self.layered = is_layered(model) if layered is None else layered
+        self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.split_layer: int | None = None  # layers [0, split) are "lower", shared with a drafter
         self.reset()
 
@@ -120,10 +122,15 @@ class TargetModel:
 
     # ---- forward passes ----------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Run (T,) new tokens through the whole model; return (T, V) logits and cache them."""
+    def forward(self, ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """Run (T,) new tokens through the whole model and cache them; return (T, V) logits.
+
+        `logits_to_keep` = n > 0 returns only the last n rows, as in transformers: a prefill
+        needs one row, and the LM head over every prompt position would cost more than the
+        layers' share of the prompt's last token.
+        """
         if not self.layered:
-            return self._generic_forward(ids)
+            return self._generic_forward(ids, logits_to_keep)
         pending = len(self.lower_ids)
         if pending:  # a drafter already ran the lower layers on a prefix of ids
             if ids[:pending].tolist() != self.lower_ids:
@@ -135,7 +142,7 @@ class TargetModel:
             hidden = self._run_layers(hidden, self.split_layer, self.num_layers, self.length)
         self.lower_ids = []
         self.length += hidden.shape[0]
-        return self.logits(hidden)
+        return self.logits(hidden[-logits_to_keep:])
 
     @torch.inference_mode()
     def lower(self, ids: torch.Tensor) -> torch.Tensor:
@@ -185,10 +192,11 @@ class TargetModel:
             self.split_hidden = buffer = grown
         buffer[start:end] = hidden
 
-    def _generic_forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids.to(self.device)[None], cache=self.cache, use_cache=True)
+    def _generic_forward(self, ids: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+        keep = {"logits_to_keep": logits_to_keep} if self._takes_logits_to_keep else {}
+        out = self.model(input_ids=ids.to(self.device)[None], cache=self.cache, use_cache=True, **keep)
         self.length += ids.shape[0]
-        return out.logits[0]
+        return out.logits[0, -logits_to_keep:]
 
     # ---- rollback ----------------------------------------------------------------------------
     def rollback(self, length: int) -> None:
