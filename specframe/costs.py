@@ -98,7 +98,7 @@ def measure(model, sizes: list[int], context: int, repeats: int, head=None) -> d
     generator = torch.Generator().manual_seed(0)
     low = min(100, target.vocab_size // 2)  # skip special tokens at the start of large vocabularies
     ids = torch.randint(low, min(20000, target.vocab_size), (context + max(sizes),), generator=generator)
-    target.forward(ids[:context])
+    target.forward(ids[:context], logits_to_keep=1)
     if head is not None:
         head.reset_cache()
         head.extend(target.hidden_at_split(0, context), logits=False)
