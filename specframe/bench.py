@@ -425,6 +425,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     resume = run_group.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true", help="keep OUT/results.jsonl and skip finished records")
     resume.add_argument("--overwrite", action="store_true", help="delete OUT/results.jsonl and start again")
+    resume.add_argument("--report-only", action="store_true",
+                        help="run nothing: rewrite the summary and plots from OUT/results.jsonl (for example "
+                             "after a run was killed, or after several processes wrote to one OUT)")
     run_group.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     run_group.add_argument("--no-progress", action="store_true", help="no progress bar")
     run_group.add_argument("--fail-on-mismatch", action="store_true",
@@ -437,6 +440,8 @@ def run(args: argparse.Namespace) -> int:
     methods = _resolve_methods(args)
     prompts = _load_prompts(args)
     out = Path(args.out)
+    if args.report_only:
+        return _report_only(out, args, methods, prompts)
     _set_threads(args)
     results, config = _prepare_out(out, args, methods)
     model, tokenizer, assistant = _load_models(args)
@@ -456,6 +461,22 @@ def run(args: argparse.Namespace) -> int:
         return 130
     mismatches = sum(m.get("mismatches") or 0 for m in summary["methods"].values())
     return 3 if args.fail_on_mismatch and mismatches else 0
+
+
+def _report_only(out: Path, args, methods: list[MethodSpec], prompts: list) -> int:
+    """Summarise what OUT/results.jsonl holds for these prompts and methods, loading no model."""
+    from .bench_report import write_reports
+
+    records = ResultsFile(out / RESULTS_FILE).read()
+    if not records:
+        raise ConfigError(f"--report-only: {out / RESULTS_FILE} holds no results; run the benchmark first "
+                          "(without --report-only)")
+    try:
+        config = json.loads((out / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        config = {key: getattr(args, key) for key in (*RESUME_KEYS, "categories", "limit")}
+    write_reports(out, records, methods, prompts, config, plots=not args.no_plots)
+    return 0
 
 
 def _check_arguments(args) -> None:

@@ -239,6 +239,20 @@ def test_results_exist_needs_resume_or_overwrite(model_dir, dataset, tmp_path):
     assert len(read_results(out)) == 3
 
 
+def test_report_only_summarises_without_loading_a_model(model_dir, dataset, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="holds no results"):
+        run_bench(model_dir, dataset, out, "--limit", 2, "--methods", "hf,specframe", "--report-only")
+    assert run_bench(model_dir, dataset, out, "--limit", 2, "--methods", "hf,specframe", "--no-plots") == 0
+    (out / "summary.md").unlink()
+    monkeypatch.setattr(bench, "_load_models", lambda args: pytest.fail("--report-only loaded a model"))
+    assert run_bench(model_dir, dataset, out, "--limit", 2, "--methods", "hf,specframe", "--report-only",
+                     "--no-plots") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["methods"]["specframe"]["generations"] == 2
+    assert "specframe" in (out / "summary.md").read_text()
+
+
 def test_interrupt_keeps_finished_records_and_resume_completes(model_dir, dataset, tmp_path, monkeypatch):
     out = tmp_path / "out"
     real_run_one, calls = bench.Bench.run_one, []
