@@ -474,7 +474,7 @@ def _report_only(out: Path, args, methods: list[MethodSpec], prompts: list) -> i
     try:
         config = json.loads((out / RUN_FILE).read_text())
     except (OSError, ValueError):
-        config = {key: getattr(args, key) for key in (*RESUME_KEYS, "categories", "limit")}
+        config = _settings(args)
     write_reports(out, records, methods, prompts, config, plots=not args.no_plots)
     return 0
 
@@ -515,8 +515,7 @@ def _load_prompts(args) -> list:
 def _prepare_out(out: Path, args, methods: list[MethodSpec]) -> tuple[ResultsFile, dict]:
     out.mkdir(parents=True, exist_ok=True)
     results = ResultsFile(out / RESULTS_FILE)
-    config = {key: getattr(args, key) for key in (*RESUME_KEYS, "categories", "limit")}
-    config["dataset"] = args.dataset if args.dataset == "sharegpt" else str(Path(args.dataset).resolve())
+    config = _settings(args)
     if results.path.exists() and results.path.stat().st_size:
         if args.overwrite:
             results.path.unlink()
@@ -530,6 +529,13 @@ def _prepare_out(out: Path, args, methods: list[MethodSpec]) -> tuple[ResultsFil
                   command="specframe bench " + shlex.join(sys.argv[2 if sys.argv[1:2] == ["bench"] else 1:]))
     (out / RUN_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return results, config
+
+
+def _settings(args) -> dict:
+    """The settings recorded in run.json and compared by --resume (the dataset as an absolute path)."""
+    config = {key: getattr(args, key) for key in (*RESUME_KEYS, "categories", "limit")}
+    config["dataset"] = args.dataset if args.dataset == "sharegpt" else str(Path(args.dataset).resolve())
+    return config
 
 
 def _machine() -> str:

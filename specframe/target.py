@@ -181,7 +181,7 @@ class TargetModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head on (T, C) hidden states of the last layer -> (T, V)."""
-        normed = self.model.model.norm(hidden)
+        normed = self.final_norm(hidden)
         head = self.model.lm_head
         if 1 < normed.shape[0] <= FEW_ROWS and self._packed_head is not None:
             return torch.ops.mkldnn._linear_pointwise(normed, self._packed_head, head.bias, "none", [], "")
