@@ -12,7 +12,7 @@ Results are in docs/benchmarks.md (bf16).
 """
 import json, torch
 from specframe.models import load_model
-from specframe.bench import load_prompts, parse_method, build_runner, Bench
+from specframe.bench import load_prompts, parse_method, build_runner
 from specframe.decoder import SpeculativeDecoder, _eos_ids
 from specframe.plugins import get_registry
 torch.set_num_threads(1)
