@@ -114,6 +114,14 @@ def _per_prompt_ratios(records, chosen: dict, baseline: str) -> list[float]:
     return [sum(v) / len(v) for v in ratios.values()]
 
 
+def first_difference(mine: list[int], theirs: list[int]) -> int | None:
+    """The first position where two token lists differ (the shorter length if one is a prefix
+    of the other), or None when they are equal."""
+    if mine == theirs:
+        return None
+    return next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+
+
 def _mismatches(records, chosen: dict, baseline: str, label: str, greedy: bool) -> dict:
     """At temperature 0: how many generations differ from the baseline's, and where they first do."""
     if not greedy or label == baseline:
@@ -125,8 +133,8 @@ def _mismatches(records, chosen: dict, baseline: str, label: str, greedy: bool) 
             continue
         compared += 1
         mine, theirs = r.get("tokens", []), base.get("tokens", [])
-        if mine != theirs:
-            first = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+        first = first_difference(mine, theirs)
+        if first is not None:
             examples.append({"prompt_id": str(r["prompt_id"]), "repeat": r["repeat"], "first_difference": first,
                              "lengths": [len(mine), len(theirs)]})
     return {"compared": compared, "mismatches": len(examples), "mismatch_examples": examples}

@@ -12,7 +12,7 @@ from attrs import define
 
 from specframe import bench, plugins
 from specframe.bench import MethodSpec, load_prompts, parse_method, parse_methods, split_methods
-from specframe.bench_report import mean_ci, summarize, t_critical
+from specframe.bench_report import first_difference, mean_ci, summarize, t_critical
 from specframe.errors import ConfigError, UnknownComponentError
 from specframe.hookspecs import hookimpl
 from specframe.types import Verdict
@@ -171,6 +171,13 @@ def test_confidence_interval():
 def _record(prompt, method, tokens, tps, repeat=0):
     return {"prompt_id": prompt, "method": method, "repeat": repeat, "tokens": tokens, "new_tokens": len(tokens),
             "seconds": len(tokens) / tps, "tokens_per_second": tps, "stats": None}
+
+
+def test_first_difference_finds_the_first_differing_position_or_the_shorter_length():
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert first_difference([1, 2], [1, 2, 3]) == 2
+    assert first_difference([], [7]) == 0
 
 
 def test_summary_speedup_is_mean_of_per_prompt_ratios_and_counts_mismatches():

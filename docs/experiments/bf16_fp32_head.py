@@ -16,6 +16,7 @@ import json, time, torch
 from specframe.models import load_model
 from specframe.target import TargetModel
 from specframe.bench import load_prompts
+from specframe.bench_report import first_difference
 from specframe.decoder import SpeculativeDecoder
 torch.set_num_threads(1)
 recs = [json.loads(l) for l in open('docs/bench/spec-bench-bf16/results.jsonl') if l.strip()]
@@ -27,14 +28,12 @@ def logits_fp32(self, hidden):  # norm in fp32 (RMSNorm keeps its input dtype), 
 TargetModel.logits = logits_fp32
 plain = SpeculativeDecoder(model, tok, drafter=None, controller="fixed")
 eesd = SpeculativeDecoder(model, tok, drafter="early_exit", controller="thompson_cost")
-def first_diff(a, b):
-    return next((j for j in range(min(len(a), len(b))) if a[j] != b[j]), None if len(a) == len(b) else min(len(a), len(b)))
 n_eesd = n_hf = 0
 for p in load_prompts('../shared/data/spec_bench/question.jsonl', None, 13):
     ids = plain.encode(p.text, None)
     t0 = time.perf_counter(); a = plain.generate(ids, max_new_tokens=128).tokens; t1 = time.perf_counter()
     b = eesd.generate(ids, max_new_tokens=128).tokens; t2 = time.perf_counter()
-    d_eesd, d_hf = first_diff(a, b), first_diff(hf[p.id], a)
+    d_eesd, d_hf = first_difference(a, b), first_difference(hf[p.id], a)
     n_eesd += d_eesd is not None; n_hf += d_hf is not None
     print(f"{p.id} {p.category:15s} eesd vs plain: {'same' if d_eesd is None else f'differs at {d_eesd}'}; "
           f"plain vs hf(bf16 head): {'same' if d_hf is None else f'differs at {d_hf}'}; "

@@ -13,6 +13,7 @@ Results are in docs/benchmarks.md (bf16).
 import json, torch
 from specframe.models import load_model
 from specframe.bench import load_prompts, parse_method, build_runner
+from specframe.bench_report import first_difference
 from specframe.decoder import SpeculativeDecoder, _eos_ids
 from specframe.plugins import get_registry
 torch.set_num_threads(1)
@@ -27,7 +28,7 @@ for spec in ("hf-prompt-lookup", "hf-early-exit"):
     differs = []
     for p in load_prompts('../shared/data/spec_bench/question.jsonl', None, 13):
         a, b = hf[p.id], runner.generate(enc.encode(p.text, None), 128, sampling, 0).tokens
-        i = next((j for j in range(min(len(a), len(b))) if a[j] != b[j]), None if len(a) == len(b) else min(len(a), len(b)))
+        i = first_difference(a, b)
         if i is not None:
             differs.append(f"{p.id}@{i}")
     print(f"{spec} (bf16) differs from HF greedy (bf16) on {len(differs)}/13 prompts: {' '.join(differs)}", flush=True)
