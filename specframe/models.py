@@ -91,8 +91,18 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return table[dtype]
 
 
+ASSUME_BF16_ENV = "SPECFRAME_ASSUME_BF16"  # "1": `auto` picks bf16 as on a CPU with bf16 units
+
+
 def _fast_bf16(device: torch.device) -> bool:
-    """bf16 pays on a GPU and on CPUs with bf16 matrix units (AMX or AVX512-BF16)."""
+    """bf16 pays on a GPU and on CPUs with bf16 matrix units (AMX or AVX512-BF16).
+
+    SPECFRAME_ASSUME_BF16=1 makes `auto` choose bf16 on any CPU (slowly emulated where the CPU has
+    no bf16 units), so a machine without them still exercises the bf16 path; =0 never chooses it.
+    """
+    assumed = os.environ.get(ASSUME_BF16_ENV, "")
+    if assumed in ("0", "1"):
+        return assumed == "1"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     try:
