@@ -454,8 +454,10 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         interrupted = True
         print("\nspecframe bench: interrupted; summarising what finished", file=sys.stderr)
-    from .bench_report import write_reports
+    from .bench_report import write_near_ties, write_reports
 
+    if args.temperature == 0:  # numerics: is each greedy mismatch a near-tie? (docs/numerics.md)
+        write_near_ties(out, model, ids, results.read(), args.baseline)
     summary = write_reports(out, results.read(), methods, prompts, config, plots=not args.no_plots)
     if interrupted:
         return 130
@@ -599,6 +601,7 @@ class Bench:
 
     def __init__(self, args, methods: list[MethodSpec], model, tokenizer, assistant, results: ResultsFile):
         from .decoder import SpeculativeDecoder, _eos_ids
+        from .numerics import dtype_name
 
         self.args, self.methods, self.results = args, methods, results
         self.sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
@@ -607,6 +610,7 @@ class Bench:
         eos = _eos_ids(tokenizer, model)
         self.runners = {m.label: build_runner(m, model, tokenizer, eos, assistant) for m in methods}
         self.done = {record_key(r) for r in results.read() if not r.get("error")}
+        self.dtype = dtype_name(model.dtype)  # numerics: each record names its dtype, so none is compared across
 
     def encode(self, prompts: list) -> dict[str, list[int]]:
         """Token ids per prompt id (chat template on the first turn, as `specframe run` does)."""
@@ -652,7 +656,7 @@ class Bench:
 
     def run_one(self, prompt, ids: list[int], method: MethodSpec, repeat: int, seed: int) -> dict:
         record = {"prompt_id": prompt.id, "category": prompt.category, "method": method.label,
-                  "repeat": repeat, "seed": seed, "prompt_tokens": len(ids)}
+                  "repeat": repeat, "seed": seed, "prompt_tokens": len(ids), "dtype": self.dtype}
         reset_peak_memory()
         try:
             outcome = self.runners[method.label].generate(ids, self.args.max_new_tokens, self.sampling, seed)

@@ -91,7 +91,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a local Hugging Face causal LM directory (default: embedded SmolLM2-135M-Instruct)")
     group.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda")
     group.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                       help="weights dtype; lossless means against plain decoding in the same dtype")
+                       help=DTYPE_HELP)
+
+
+def _dtype_help() -> str:
+    from .numerics import GUARANTEES
+
+    return ("weights dtype (default auto = fp32, the exact one; bf16 is the faster opt-in on CPUs with bf16 units "
+            "and GPUs; see docs/numerics.md). " + " ".join(GUARANTEES.values()))
+
+
+DTYPE_HELP = _dtype_help()
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -213,8 +223,8 @@ def format_stats(result, args) -> str:
     s = result.stats
     strategy = "plain decoding" if args.drafter == PLAIN else f"{args.drafter} + {args.controller}"
     lines = [
-        f"--- {strategy} | {s.new_tokens} tokens in {s.total_seconds:.2f}s = {s.tokens_per_second:.1f} tokens/s"
-        f" | finish: {result.finish_reason}",
+        f"--- {strategy} | {_numerics(args)} | {s.new_tokens} tokens in {s.total_seconds:.2f}s = "
+        f"{s.tokens_per_second:.1f} tokens/s | finish: {result.finish_reason}",
     ]
     if args.drafter != PLAIN:
         lines.append(
@@ -225,6 +235,21 @@ def format_stats(result, args) -> str:
     if s.fallback:
         lines.append(f"--- fell back to plain decoding: {s.fallback}")
     return "\n".join(lines)
+
+
+def _numerics(args) -> str:
+    """The dtype and what it guarantees, e.g. "fp32 | greedy: token-exact" (docs/numerics.md)."""
+    from .models import _fast_bf16, resolve_device, resolve_dtype
+    from .numerics import dtype_name, exactness
+    from .plugins import get_registry
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    lossless = bool(getattr(get_registry().get("verifier", args.verifier).factory, "lossless", True))
+    text = f"{dtype_name(dtype)} | {exactness(dtype, args.temperature == 0, lossless)}"
+    if args.dtype == "auto" and dtype_name(dtype) == "fp32" and _fast_bf16(device):
+        text += " (--dtype bf16 is faster here)"
+    return text
 
 
 # ---- plugins --------------------------------------------------------------------------------
