@@ -97,8 +97,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def _dtype_help() -> str:
     from .numerics import GUARANTEES
 
-    return ("weights dtype (default auto = fp32, the exact one; bf16 is the faster opt-in on CPUs with bf16 units "
-            "and GPUs; see docs/numerics.md). " + " ".join(GUARANTEES.values()))
+    return ("weights dtype (default auto = fp32, the exact one; bf16 is the opt-in, see docs/numerics.md). "
+            + " ".join(GUARANTEES.values()))
 
 
 DTYPE_HELP = _dtype_help()
@@ -239,17 +239,13 @@ def format_stats(result, args) -> str:
 
 def _numerics(args) -> str:
     """The dtype and what it guarantees, e.g. "fp32 | greedy: token-exact" (docs/numerics.md)."""
-    from .models import _fast_bf16, resolve_device, resolve_dtype
+    from .models import resolve_device, resolve_dtype
     from .numerics import dtype_name, exactness
     from .plugins import get_registry
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = resolve_dtype(args.dtype, resolve_device(args.device))
     lossless = bool(getattr(get_registry().get("verifier", args.verifier).factory, "lossless", True))
-    text = f"{dtype_name(dtype)} | {exactness(dtype, args.temperature == 0, lossless)}"
-    if args.dtype == "auto" and dtype_name(dtype) == "fp32" and _fast_bf16(device):
-        text += " (--dtype bf16 is faster here)"
-    return text
+    return f"{dtype_name(dtype)} | {exactness(dtype, args.temperature == 0, lossless)}"
 
 
 # ---- plugins --------------------------------------------------------------------------------

@@ -80,8 +80,8 @@ def _replace_dir(source: Path, target: Path) -> None:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """`auto` is fp32, the dtype whose greedy output is token-exact, unless SPECFRAME_ASSUME_BF16=1
-    (docs/numerics.md records why: bf16 is the faster opt-in, `--dtype bf16`)."""
+    """`auto` is fp32, the dtype whose greedy output is token-exact, on every device and CPU;
+    SPECFRAME_ASSUME_BF16=1 makes it bf16 (CI's second pass). docs/numerics.md records why."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -94,24 +94,6 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 
 ASSUME_BF16_ENV = "SPECFRAME_ASSUME_BF16"  # "1": `auto` picks bf16, as CI's second test pass does
-
-
-def _fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 is the fast dtype here: on a GPU, and on CPUs with bf16 matrix units (AMX or
-    AVX512-BF16). `auto` stays fp32 either way; `specframe run` mentions `--dtype bf16` where it pays.
-
-    SPECFRAME_ASSUME_BF16=1 or 0 overrides the detection, as it overrides `auto`.
-    """
-    assumed = os.environ.get(ASSUME_BF16_ENV, "")
-    if assumed in ("0", "1"):
-        return assumed == "1"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
