@@ -319,7 +319,8 @@ def _losslessness(summary: dict) -> list[str]:
                  + ("**All identical.**" if total == 0 else f"**{total} generations differ.**"))
     if total:
         lines.append(f"A mismatch is a *near-tie* when, recomputed from the same prefix, both tokens lie within "
-                     f"{NEAR_TIE_STEPS} steps of the dtype (units in the last place) of the best logit; "
+                     f"{NEAR_TIE_STEPS['bf16']} bf16/fp16 or {NEAR_TIE_STEPS['fp32']} fp32 steps (units in the "
+                     "last place) of the best logit; "
                      "docs/numerics.md says why bf16 and fp16 allow these and fp32 does not.")
     for label, m in summary["methods"].items():
         for example in m["mismatch_examples"][:5]:

@@ -69,8 +69,9 @@ def test_a_divergence_is_a_near_tie_up_to_the_bound_and_not_beyond():
     def at(gap):  # best logit 20 (bf16 step 0.125), the other token `gap` below it
         return Divergence(3, 1, 2, 20.0, 20.0, 20.0 - gap, "bf16")
 
-    assert at(0.0).near_tie and at(NEAR_TIE_STEPS * 0.125).near_tie
-    assert not at((NEAR_TIE_STEPS + 1) * 0.125).near_tie
+    bound = NEAR_TIE_STEPS["bf16"]
+    assert at(0.0).near_tie and at(bound * 0.125).near_tie
+    assert not at((bound + 1) * 0.125).near_tie
     assert "CLEAR MARGIN" in at(2.0).describe() and at(2.0).steps == 16
 
 
