@@ -9,6 +9,7 @@ import sys
 import warnings
 
 from . import __version__
+from .arguments import add_model_arguments
 from .decoder import DEFAULT_CONTROLLER, DEFAULT_DRAFTER, DEFAULT_VERIFIER, PLAIN
 from .engine import ON_ERROR_CHOICES
 from .errors import ConfigError, SpecframeError
@@ -83,15 +84,6 @@ def _add_run(commands) -> None:
     output.add_argument("--json", action="store_true", help="print one JSON object (text and statistics) instead")
     output.add_argument("--quiet", action="store_true", help="do not print statistics")
     run.set_defaults(handler=cmd_run)
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default=None, metavar="PATH",
-                       help="a local Hugging Face causal LM directory (default: embedded SmolLM2-135M-Instruct)")
-    group.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda")
-    group.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                       help="weights dtype; lossless means against plain decoding in the same dtype")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

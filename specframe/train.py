@@ -657,9 +657,9 @@ def measure_draft_cost(model, head, context_tokens: int = 300, repeats: int = 30
     forward, interleaved, at a context of `context_tokens` tokens, through specframe's own paths."""
     import torch
 
-    from .costs import measure
+    from .timing import early_exit_drafter, measure
 
-    result = measure(model, [1], context_tokens, repeats, head)
+    result = measure(model, [1], context_tokens, repeats, early_exit_drafter(head))
     return {"full_forward_ms": result["forward_ms"]["1"], "draft_step_ms": result["draft_step_ms"],
             "draft_step_over_forward": result["draft_step_over_forward"], "context_tokens": context_tokens,
             "torch_threads": torch.get_num_threads()}
