@@ -200,7 +200,7 @@ class TargetModel:
                 raise PluginContractError("target", "verified tokens must extend the drafted lower-layer prefix")
             ids = ids[pending:]
         if self.split_layer:
-            lowered = self._lower(ids)
+            lowered = self._lower(ids) if len(ids) else self.split_hidden[:0]  # all drafted: none new
             hidden = torch.cat([self.split_hidden[self.length : self.length + pending], lowered])
             hidden = self._run_layers(hidden, self.split_layer, self.num_layers, self.length)
             self.ids += self.lower_ids
