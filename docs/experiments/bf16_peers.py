@@ -26,7 +26,7 @@ sampling = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
 for spec in ("hf-prompt-lookup", "hf-early-exit"):
     runner = build_runner(parse_method(spec, get_registry()), model, tok, eos)
     differs = []
-    for p in load_prompts('../shared/data/spec_bench/question.jsonl', None, 13):
+    for p in load_prompts('benchmarks/spec_bench/question.jsonl', None, 13):
         a, b = hf[p.id], runner.generate(enc.encode(p.text, None), 128, sampling, 0).tokens
         i = first_difference(a, b)
         if i is not None:
