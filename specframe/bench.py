@@ -26,7 +26,7 @@ from pathlib import Path
 
 from attrs import evolve, frozen
 
-from .arguments import add_model_arguments
+from .arguments import add_generation_arguments, add_model_arguments
 from .bench_methods import (  # noqa: F401 - the bench's API, importable from here
     HF_METHODS, MethodSpec, method_specs_help, parse_method, parse_methods, split_methods,
 )
@@ -61,16 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = add_model_arguments(parser)
     model.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default: torch's choice, one per core); 1 is steadier on a busy machine")
-    gen = parser.add_argument_group("generation")
-    gen.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt (default 128)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default; checks losslessness)")
-    gen.add_argument("--top-k", type=int, default=0, help="top-k filtering when sampling (0 = off)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass when sampling (1 = off)")
-    gen.add_argument("--seed", type=int, default=0, help="base seed; each (prompt, repeat) gets its own")
-    chat = gen.add_mutually_exclusive_group()
-    chat.add_argument("--chat", dest="chat", action="store_true", default=None,
-                      help="apply the chat template to the first turn (default when the tokenizer has one)")
-    chat.add_argument("--no-chat", dest="chat", action="store_false", help="use the prompt as raw text")
+    add_generation_arguments(parser, seed_default=0, seed_help="base seed; each (prompt, repeat) gets its own")
     run_group = parser.add_argument_group("run")
     run_group.add_argument("--repeats", type=int, default=1, help="times each (prompt, method) runs (default 1)")
     run_group.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method (default 1)")

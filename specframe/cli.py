@@ -9,7 +9,7 @@ import sys
 import warnings
 
 from . import __version__
-from .arguments import add_model_arguments
+from .arguments import add_generation_arguments, add_model_arguments
 from .decoder import DEFAULT_CONTROLLER, DEFAULT_DRAFTER, DEFAULT_VERIFIER, PLAIN
 from .engine import ON_ERROR_CHOICES
 from .errors import ConfigError, SpecframeError
@@ -87,16 +87,7 @@ def _add_run(commands) -> None:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("generation")
-    group.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens (default 128)")
-    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    group.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    group.add_argument("--seed", type=int, default=None, help="seed for sampling and for controllers")
-    chat = group.add_mutually_exclusive_group()
-    chat.add_argument("--chat", dest="chat", action="store_true", default=None,
-                      help="apply the tokenizer's chat template (default when it has one)")
-    chat.add_argument("--no-chat", dest="chat", action="store_false", help="use the prompt as raw text")
+    group = add_generation_arguments(parser)
     group.add_argument("--truncate-prompt", action="store_true",
                        help="when the prompt plus --max-new-tokens exceeds the model's context, keep the end of "
                             "the prompt (default: stop with an error)")

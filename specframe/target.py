@@ -115,23 +115,23 @@ class SplitView:
     verification pass that follows runs only layers N..L-1 for them (EESD's shared trunk).
     """
 
-    target: "TargetModel" = field(repr=False)
+    _target: "TargetModel" = field(repr=False)  # not for drafters: they use the methods below
     layer: int  # N: the split layer
 
     def lower(self, ids: torch.Tensor) -> torch.Tensor:
         """Run (T,) tokens that follow everything cached through layers [0, N); return (T, C)."""
-        return self.target._lower(ids)
+        return self._target._lower(ids)
 
     def hidden(self, start: int, end: int) -> torch.Tensor:
         """(end - start, C) states after layer N of tokens at positions [start, end) already run.
 
         Covers the prompt (from the prefill), the drafted tokens and those verification added.
         """
-        return self.target._split_states(start, end)
+        return self._target._split_states(start, end)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The target's own final norm and LM head on (T, C) states -> (T, V)."""
-        return self.target.logits(hidden)
+        return self._target.logits(hidden)
 
 
 class TargetModel:
