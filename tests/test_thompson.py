@@ -251,6 +251,17 @@ def test_round_seconds_use_the_prior_until_measured_then_the_measurements():
     assert controller.round_seconds()[2] == pytest.approx(0.05 * CPU_DRAFT_COST * 2 + 0.05, rel=0.01)
 
 
+def test_round_seconds_without_a_table_price_untried_lengths_along_the_measured_line():
+    controller = CostAwareThompsonController(discount=1.0)  # defaults: no machine assumed
+    assert controller.round_seconds() == pytest.approx([1.0] * 9)  # nothing known: all alike
+    for _ in range(50):  # verification measured at k = 1 and k = 5 only: v(k) = 0.04 + 0.01·k seconds
+        for K in (1, 5):
+            controller.update(RoundStats(K, 0, (), 0.002 * K, 0.04 + 0.01 * K))
+    seconds = controller.round_seconds()
+    for k in (0, 3, 8):  # untried: between the measured lengths and beyond them, on the line
+        assert seconds[k] == pytest.approx(0.002 * k + 0.04 + 0.01 * k, rel=0.02), k
+
+
 # ---- simulation: does it settle near the best draft length? ----------------------------------
 @pytest.mark.parametrize("rate", [0.3, 0.6, 0.8, 0.95])
 def test_cost_controller_settles_near_the_best_fixed_length(rate):
