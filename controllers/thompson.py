@@ -61,7 +61,7 @@ import random
 
 from attrs import define, field
 
-from specframe.cost_model import best_length, expected_tokens  # noqa: F401 - part of this API
+from specframe.cost_model import best_length
 from specframe.errors import ConfigError
 from specframe.interfaces import Controller
 from specframe.types import RoundStats
