@@ -17,7 +17,7 @@ import difflib
 
 import attrs
 from attrs import field, frozen
-from attrs.validators import ge, in_, instance_of, optional
+from attrs.validators import ge, in_
 
 from ..errors import ConfigError
 
@@ -38,7 +38,7 @@ class EarlyExitOptions:
     evaluate: str | None = None  # a saved head to evaluate instead of training
     output: str | None = None  # where to write the head
     # head
-    layer: int | None = field(default=None, validator=optional(_positive))  # None: about L / 5
+    layer: int | None = None  # exit layer; None: about L / 5; checked against the model's depth
     head_layers: int = field(default=1, validator=_positive)
     reduced_vocab: int = field(default=8192, validator=_non_negative)
     # distillation data

@@ -118,7 +118,8 @@ def describe_failure(exc: BaseException) -> str:
     """'Type: message (at file:line in function[, called from specframe's file:line in function])'."""
     frames = traceback.extract_tb(exc.__traceback__)
     where = [frames[-1]] if frames else []
-    ours = [f for f in frames if "specframe" in f.filename.replace("\\", "/").split("site-packages")[-1]]
+    package = str(Path(__file__).resolve().parents[1])
+    ours = [f for f in frames if str(Path(f.filename).resolve()).startswith(package)]
     if ours and ours[-1] is not frames[-1]:
         where.append(ours[-1])
     places = ", called from ".join(f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in where)
