@@ -9,7 +9,7 @@ import sys
 import attrs
 
 from ..errors import ConfigError, SpecframeError
-from .options import DTYPES, LOSSES, EarlyExitOptions
+from .options import LOSSES, EarlyExitOptions
 
 
 # ---- the parser -------------------------------------------------------------------------------
@@ -34,16 +34,14 @@ def add_early_exit_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs.setdefault("type", type(default[name]) if default[name] is not None else int)
         group.add_argument(flag, default=default[name], help=help, **kwargs)
 
-    model = parser.add_argument_group("model and output")
-    model.add_argument("--model", default=None, metavar="PATH", help="local HF model directory (default: the default model)")
-    model.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    model.add_argument("--dtype", default="auto", choices=DTYPES,
-                       help="the target's dtype while recording the data (auto: bf16 where it is fast, else "
-                            "fp32); the head itself always trains in fp32")
-    model.add_argument("--evaluate", default=None, metavar="HEAD",
-                       help="train nothing: report HEAD's held-out acceptance and draft-step cost")
-    model.add_argument("--output", default=None,
-                       help="where to write the head (.safetensors; default: the specframe cache's heads/ folder)")
+    from ..cli import add_model_arguments  # --model, --device, --dtype as in run, bench and costs
+
+    add_model_arguments(parser)  # --dtype: the target's and the data's; the head always trains in fp32
+    output = parser.add_argument_group("output")
+    output.add_argument("--evaluate", default=None, metavar="HEAD",
+                        help="train nothing: report HEAD's held-out acceptance and draft-step cost")
+    output.add_argument("--output", default=None,
+                        help="where to write the head (.safetensors; default: the specframe cache's heads/ folder)")
     head = parser.add_argument_group("head")
     add(head, "--layer", "exit layer N in [1, L-1]: the head reads the state after N of the model's L layers "
                          "(default: about L/5, 6 for a 30-layer model)")
