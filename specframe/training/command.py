@@ -1,4 +1,4 @@
-"""`specframe train early-exit`: the argument parser, and the pipeline from options to a saved head."""
+"""`specframe train early-exit`: its flags, the options they make, and the recorded command."""
 
 from __future__ import annotations
 
