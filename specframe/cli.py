@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_run(commands)
     _add_plugins(commands)
-    _add_lazy(commands, "train", "specframe.train", "train an early-exit draft head by self-distillation")
+    _add_lazy(commands, "train", "specframe.training", "train an early-exit draft head by self-distillation")
     _add_lazy(commands, "bench", "specframe.bench", "compare methods on a prompt set (speed and losslessness)")
     _add_lazy(commands, "costs", "specframe.costs",
               "time forward passes over t tokens and the draft step: what speculation can earn here")

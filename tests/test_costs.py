@@ -66,7 +66,7 @@ def test_costs_command_times_a_named_drafter(tmp_path, capsys):
 
 
 def test_training_records_the_draft_cost_through_the_same_measurement(tiny_model):
-    from specframe.train import measure_draft_cost
+    from specframe.training.head import measure_draft_cost
 
     head, _, _ = train_tiny_head(tiny_model, steps_epochs=1)
     cost = measure_draft_cost(tiny_model, head, context_tokens=20, repeats=3)

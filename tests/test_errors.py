@@ -382,35 +382,54 @@ def test_early_exit_layer_errors(tiny_model, stub_tokenizer, registry):
 
 
 # ---- specframe train from Python ---------------------------------------------------------------
-def test_train_default_args_with_an_unknown_option():
-    from specframe.train import default_args
+def test_training_options_with_an_unknown_option():
+    from specframe.training.options import training_options
 
     with pytest.raises(ConfigError, match="unknown training options 'epoch' \\(did you mean 'epochs'\\?\\)") as info:
-        default_args(epoch=3)
+        training_options(epoch=3)
     assert isinstance(info.value, TypeError)  # still what a bad keyword raises
-    assert default_args(epochs=3).epochs == 3
+    assert training_options(epochs=3).epochs == 3
+    with pytest.raises(ConfigError, match="'loss' must be in"):
+        training_options(loss="mse")
 
 
-def test_train_data_worker_failure_is_a_specframe_error(tmp_path):
+def test_train_data_worker_failure_says_what_failed_and_where(tmp_path):
     """A failure inside a spawned data worker reaches the user as a SpecframeError (the CLI prints
-    it as one line, exit 2) that says what to do, not as a bare RuntimeError traceback."""
-    from specframe.train import _run_workers
+    it as one line, exit 2) that names the exception, its message and where it was raised."""
+    from specframe.training.shards import ShardSettings
+    from specframe.training.workers import run_workers
 
     class Bar:
         def set_postfix(self, **kwargs): pass
         def update(self, n): pass
 
+    settings = ShardSettings(layers=[1], max_prompt_tokens=8, batch_size=1, top_k=4, order_seed=0, max_new_tokens=4)
     missing = tmp_path / "no_model_here"
-    with pytest.raises(SpecframeError, match="worker failed: ModelLoadError: model path .* is not a directory.*"
-                                             "--workers 1 to see the full traceback"):
-        _run_workers(str(missing), {}, tmp_path, [[(0, [])]], Bar())
+    with pytest.raises(SpecframeError, match="worker failed: ModelLoadError: model path .* is not a directory.* "
+                                             "\\(at models.py:\\d+ in load_model\\).*the same command resumes") as info:
+        run_workers(str(missing), settings, tmp_path, [[(0, [])]], Bar())
+    assert "--workers 1" not in str(info.value)
+
+
+def test_a_worker_failure_is_described_by_type_message_and_place():
+    from specframe.training.workers import describe_failure
+
+    def deep():
+        return [][5]
+
+    try:
+        deep()
+    except IndexError as exc:
+        text = describe_failure(exc)
+    assert text.startswith("IndexError: list index out of range (at test_errors.py:")
+    assert " in deep" in text
 
 
 def test_train_data_worker_that_dies_silently_is_reported_not_waited_for(tmp_path):
     """A worker killed without a word (e.g. by the OOM killer) must end the wait with a clear error."""
     import queue
 
-    from specframe.train import next_worker_message
+    from specframe.training.workers import next_worker_message
 
     class Worker:  # stands in for a multiprocessing.Process: only its exit code is read
         def __init__(self, exitcode):
