@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from .errors import PluginContractError, SpecframeError
-from .kernels import FewRowLinears
+from .kernels import FewRowKernels
 
 _LAYERED_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
 
@@ -101,7 +101,7 @@ class TargetModel:
         self.layered = is_layered(model) if layered is None else layered
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.split_layer: int | None = None  # layers [0, split) are "lower", shared with a drafter
-        self.linears = FewRowLinears(model)  # passes over 1-16 tokens read each weight once
+        self.kernels = FewRowKernels(model)  # passes over 1-16 tokens read each weight once
         self.reset()
 
     # ---- state -------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ class TargetModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head on (T, C) hidden states of the last layer -> (T, V)."""
-        with self.linears:
+        with self.kernels:
             return self.model.lm_head(self.final_norm(hidden))
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -180,7 +180,7 @@ class TargetModel:
         x = hidden[None]  # (1, T, C)
         rope = inner.rotary_emb(x, position_ids=position_ids)
         mask = causal_mask(T, start, self.device)
-        with self.linears:
+        with self.kernels:
             for layer in inner.layers[first:last]:
                 x = layer(x, attention_mask=mask, position_ids=position_ids, cache=self.cache,
                           use_cache=True, position_embeddings=rope)

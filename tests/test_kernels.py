@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from specframe import kernels
-from specframe.kernels import FewRowLinears, KernelCheckError, build_library, few_rows_linear, load_library
+from specframe.kernels import FewRowKernels, KernelCheckError, build_library, few_rows_linear, load_library
 from specframe.target import TargetModel
 
 from .conftest import StubTokenizer, tiny_llama
@@ -101,17 +101,18 @@ def test_a_pass_routes_every_linear_through_the_kernel(kernel, tiny_model, monke
 
 def test_the_model_is_untouched_outside_a_pass(kernel, tiny_model):
     target = TargetModel(tiny_model)
-    with target.linears, target.linears:  # blocks nest
+    with target.kernels, target.kernels:  # blocks nest
         assert "forward" in vars(tiny_model.lm_head)
     target.forward(torch.tensor([1, 2, 3]))
     assert not any("forward" in vars(m) for m in tiny_model.modules())
+    assert tiny_model.config._attn_implementation == "sdpa"
 
 
 def test_a_layer_with_its_own_forward_is_left_alone(kernel):
     model = tiny_llama()
     hooked = model.model.layers[0].mlp.down_proj
     hooked.forward = own = lambda x: F.linear(x, hooked.weight)
-    with FewRowLinears(model):
+    with FewRowKernels(model):
         assert hooked.forward is own
         assert "forward" in vars(model.model.layers[0].mlp.up_proj)
 
@@ -125,31 +126,62 @@ def test_fp32_greedy_equals_hf_generate_through_the_engine(kernel):
         expected = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):]
     for drafter in (None, "ngram"):
         decoder = SpeculativeDecoder(model, StubTokenizer(), drafter=drafter, controller="fixed")
-        assert decoder.target.linears.path == "compiled few-row kernel"
+        assert decoder.target.kernels.path == "compiled few-row kernel"
         got = decoder.generate(prompt, max_new_tokens=24, temperature=0.0).tokens
         assert got == expected.tolist(), drafter
 
 
 def test_without_a_kernel_a_few_rows_take_the_packed_lm_head(no_kernel, tiny_model):
     target = TargetModel(tiny_model)
-    assert target.linears.path == ("oneDNN LM head" if torch.backends.mkldnn.is_available() else "PyTorch")
+    assert target.kernels.path == ("oneDNN LM head" if torch.backends.mkldnn.is_available() else "PyTorch")
     hidden = torch.randn(3, tiny_model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     expected = tiny_model.lm_head(tiny_model.model.norm(hidden))
     torch.testing.assert_close(target.logits(hidden), expected, rtol=1e-5, atol=1e-5)
     if torch.backends.mkldnn.is_available():
-        assert target.linears._routes[0][1].packed is not None  # the few-row path was taken
+        assert target.kernels._routes[0][1].packed is not None  # the few-row path was taken
 
 
 def test_without_a_kernel_one_row_never_packs_the_lm_head(no_kernel, tiny_model):
     target = TargetModel(tiny_model)
     target.logits(torch.randn(1, tiny_model.config.hidden_size))
-    assert all("packed" not in vars(route) for _, route in target.linears._routes)
+    assert all("packed" not in vars(route) for _, route in target.kernels._routes)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_other_dtypes_keep_pytorch_kernels(tiny_model, dtype):
     model = copy.deepcopy(tiny_model).to(dtype)
     target = TargetModel(model)
-    assert target.linears._routes == []
+    assert target.kernels._routes == []
     hidden = torch.randn(3, model.config.hidden_size, dtype=dtype)
     assert target.logits(hidden).shape == (3, model.config.vocab_size)
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 16])
+def test_few_row_attention_matches_transformers_sdpa(tiny_model, T):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from specframe.kernels import few_row_attention
+    from specframe.target import causal_mask
+
+    module = tiny_model.model.layers[0].self_attn  # 4 query heads on 2 key/value heads
+    generator = torch.Generator().manual_seed(T)
+    query = torch.randn(1, 4, T, 8, generator=generator)
+    key, value = (torch.randn(1, 2, 30 + T, 8, generator=generator) for _ in range(2))
+    mask = causal_mask(T, 30, "cpu")
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=module.scaling)
+    got, _ = few_row_attention(module, query, key, value, mask, scaling=module.scaling)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_pass_runs_the_few_row_attention(tiny_model, monkeypatch):
+    calls = []
+    original = kernels.few_row_attention
+    monkeypatch.setattr(kernels, "few_row_attention", lambda *a, **k: calls.append(a[1].shape[2]) or original(*a, **k))
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(kernels.ATTENTION, kernels.few_row_attention)
+    try:
+        TargetModel(tiny_model).forward(torch.tensor([3, 4, 5]))
+    finally:
+        AttentionInterface.register(kernels.ATTENTION, original)
+    assert calls == [3] * tiny_model.config.num_hidden_layers
