@@ -265,27 +265,27 @@ ATTENTION = "specframe_few_rows"  # the name few_row_attention is registered und
 def few_row_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention without copying keys and values for grouped-query attention.
+    """transformers' SDPA attention, with each of a few new tokens attended as a one-token pass would.
 
-    query (B, H, T, D); key, value (B, Hkv, S, D); attention_mask None or (B, 1, T, S) bool.
-    With a mask (T > 1), transformers repeats every key and value head H / Hkv times before SDPA
-    (its GQA flag is reserved for mask-free calls, for CUDA's sake); on CPU, SDPA takes the mask
-    and the flag together, 2.6x faster at T = 4 (docs/benchmarks.md). One query token
-    (no mask) runs as Hkv heads of H / Hkv queries each, which is faster still.
+    query (B, H, T, D); key, value (B, Hkv, S, D), the new tokens last; attention_mask None or
+    (B, 1, T, S) bool, causal. For 1 < T <= MAX_ROWS every query row runs the call a one-token pass
+    makes (no mask, the GQA flag, the keys up to its own position), so a verification pass gives
+    bitwise the rows of one-token passes, and no key or value is copied: transformers, given a
+    mask, repeats every key and value head H / Hkv times first (its GQA flag is kept for mask-free
+    calls, for CUDA's sake). Other shapes take transformers' own path.
     """
-    B, H, T, D = query.shape
-    groups = H // key.shape[1]
-    if T > 1 and attention_mask is None:  # causal by flag: transformers' own path
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
-    if T == 1 and attention_mask is None and groups > 1:
-        grouped = query.reshape(B, H // groups, groups, D)  # the query heads of each key head, as rows
-        out = F.scaled_dot_product_attention(grouped, key, value, dropout_p=dropout, scale=scaling)
-        return out.reshape(B, 1, H, D), None  # (B, T, H, D)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                         scale=scaling, enable_gqa=groups > 1)  # (B, H, T, D)
-    return out.transpose(1, 2).contiguous(), None
+    B, H, T, D = query.shape
+    if not 1 < T <= MAX_ROWS or dropout or B != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    S = key.shape[2]
+    gqa = {"enable_gqa": True} if key.shape[1] != H else {}
+    rows = [F.scaled_dot_product_attention(query[:, :, i : i + 1], key[:, :, : S - T + i + 1],
+                                           value[:, :, : S - T + i + 1], scale=scaling, **gqa)
+            for i in range(T)]  # T x (B, H, 1, D)
+    return torch.cat(rows, dim=2).transpose(1, 2).contiguous(), None  # (B, T, H, D)
 
 
 def _sdpa_config(model: torch.nn.Module):

@@ -156,7 +156,7 @@ def test_other_dtypes_keep_pytorch_kernels(tiny_model, dtype):
     assert target.logits(hidden).shape == (3, model.config.vocab_size)
 
 
-@pytest.mark.parametrize("T", [1, 2, 5, 16])
+@pytest.mark.parametrize("T", [1, 2, 5, 16, 17])
 def test_few_row_attention_matches_transformers_sdpa(tiny_model, T):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -171,6 +171,17 @@ def test_few_row_attention_matches_transformers_sdpa(tiny_model, T):
     expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=module.scaling)
     got, _ = few_row_attention(module, query, key, value, mask, scaling=module.scaling)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_verification_pass_gives_bitwise_the_logits_of_one_token_passes(kernel):
+    model = tiny_llama(vocab_size=96, layers=3, seed=1, init=0.3, hidden=64)
+    ids = torch.randint(0, 96, (28,), generator=torch.Generator().manual_seed(0))
+    target = TargetModel(model)
+    target.forward(ids[:20], logits_to_keep=1)
+    together = target.forward(ids[20:])  # (8, V)
+    target.rollback(20)
+    alone = torch.cat([target.forward(ids[i : i + 1]) for i in range(20, 28)])
+    assert torch.equal(together, alone)
 
 
 def test_a_pass_runs_the_few_row_attention(tiny_model, monkeypatch):
