@@ -23,6 +23,7 @@ Shapes: T rows (tokens), K input features, N output features.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -31,6 +32,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import torch
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 
 MAX_ROWS = 16  # passes over more rows (prefill) keep PyTorch's GEMM, which is faster there
 DISABLE_ENV = "SPECFRAME_FEW_ROW_KERNEL"  # "0": PyTorch's kernels (and the packed oneDNN LM head)
+THREADS_ENV = "SPECFRAME_THREADS"  # torch threads while generating on CPU: unset = 1, N, or "torch"
 CFLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 
 # y[T, N] = x[T, K] @ w[N, K]^T in fp32. `tile` computes tb (<= TB) input rows against NB weight
@@ -303,7 +306,7 @@ def _sdpa_config(model: torch.nn.Module):
 
 def _kernel_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight, bias = module.weight, module.bias
-    if (x.dtype is not torch.float32 or weight.dtype is not torch.float32 or not x.is_cpu
+    if (torch.get_num_threads() != 1 or x.dtype is not torch.float32 or weight.dtype is not torch.float32 or not x.is_cpu
             or x.numel() > MAX_ROWS * x.shape[-1] or not weight.is_contiguous()
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return F.linear(x, weight, bias)
@@ -343,3 +346,56 @@ def pack_for_few_rows(linear: torch.nn.Linear) -> torch.Tensor | None:
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
     except (AttributeError, RuntimeError):  # a torch build without the op
         return None
+
+
+def generation_threads(steps: Generator, device) -> Generator:
+    """Run a generation's steps with torch's CPU threads at `threads_for_generation()`, and give
+    the caller back its own setting between steps (while it consumes a token) and after.
+
+    Why one thread by default: each multi-threaded operator is an OpenMP parallel region whose
+    end waits for every thread. When another process keeps a core busy, the thread on that core
+    runs only when the scheduler lets it, and every region waits for it: on 2 cores with other
+    jobs running, one SDPA call took 8-13 ms at 2 threads against 0.05-0.2 ms at 1, and a
+    one-token pass of the default model 650 ms against 197 ms (docs/benchmarks.md). A decoding
+    round is many short regions, so the cost grows with their number, not with the work. A small
+    model's pass is bound by memory bandwidth, which a second thread barely raises, and the
+    few-row kernel runs on one thread.
+    """
+    threads = threads_for_generation(device)
+    try:
+        while True:
+            with _torch_threads(threads):
+                try:
+                    item = next(steps)
+                except StopIteration as stop:
+                    return stop.value
+            yield item
+    finally:
+        with _torch_threads(threads):
+            steps.close()  # the engine's own cleanup, when the caller stops early
+
+
+def threads_for_generation(device) -> int | None:
+    """Threads for generating on `device`: 1 on CPU, or SPECFRAME_THREADS (N, or "torch" for
+    torch's own setting); None leaves the setting alone."""
+    from .errors import ConfigError
+
+    value = os.environ.get(THREADS_ENV, "1").strip().lower()
+    if torch.device(device).type != "cpu" or value == "torch":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{THREADS_ENV} must be a whole number >= 1 or 'torch', got {value!r}")
+    return int(value)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

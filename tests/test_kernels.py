@@ -196,3 +196,51 @@ def test_a_pass_runs_the_few_row_attention(tiny_model, monkeypatch):
     finally:
         AttentionInterface.register(kernels.ATTENTION, original)
     assert calls == [3] * tiny_model.config.num_hidden_layers
+
+
+def _threads_seen(monkeypatch, tiny_model, settings: int, env: str | None) -> tuple[set[int], list[int]]:
+    """Threads torch had in each target pass, and in the caller between tokens and after."""
+    from specframe import SpeculativeDecoder
+
+    if env is not None:
+        monkeypatch.setenv(kernels.THREADS_ENV, env)
+    inside, outside = set(), []
+    forward = TargetModel.forward
+    monkeypatch.setattr(TargetModel, "forward", lambda self, *a, **k: inside.add(torch.get_num_threads())
+                        or forward(self, *a, **k))
+    decoder = SpeculativeDecoder(tiny_model, StubTokenizer(), drafter="ngram", controller="fixed")
+    before = torch.get_num_threads()
+    torch.set_num_threads(settings)
+    try:
+        for _ in decoder.stream_tokens([5, 9, 2, 31, 7], max_new_tokens=6):
+            outside.append(torch.get_num_threads())
+        outside.append(torch.get_num_threads())
+    finally:
+        torch.set_num_threads(before)
+    return inside, outside
+
+
+@pytest.mark.parametrize("env, expected", [(None, {1}), ("2", {2}), ("torch", {3})])
+def test_generation_runs_at_the_chosen_threads_and_gives_the_caller_its_own(monkeypatch, tiny_model, env, expected):
+    inside, outside = _threads_seen(monkeypatch, tiny_model, 3, env)
+    assert inside == expected
+    assert set(outside) == {3}
+
+
+def test_a_bad_thread_setting_is_a_config_error(monkeypatch, tiny_model):
+    from specframe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="SPECFRAME_THREADS must be a whole number"):
+        _threads_seen(monkeypatch, tiny_model, 1, "many")
+
+
+def test_more_than_one_thread_keeps_pytorch_kernels(kernel, tiny_model, monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "few_rows_linear", lambda *args: calls.append(1) or F.linear(*args))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        TargetModel(tiny_model).forward(torch.tensor([3, 4, 5]))
+    finally:
+        torch.set_num_threads(before)
+    assert calls == []
