@@ -263,6 +263,7 @@ class FewRowKernels:
 
 
 ATTENTION = "specframe_few_rows"  # the name few_row_attention is registered under in transformers
+_PLAIN_ATTENTION_ARGUMENTS = {"position_ids", "use_cache", "cache", "is_causal", "output_attentions"}
 
 
 def few_row_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -280,7 +281,8 @@ def few_row_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     B, H, T, D = query.shape
-    if not 1 < T <= MAX_ROWS or dropout or B != 1:
+    plain = all(name in _PLAIN_ATTENTION_ARGUMENTS or value is None for name, value in kwargs.items())
+    if not 1 < T <= MAX_ROWS or dropout or B != 1 or not plain:  # sliding windows, soft caps, sinks...
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     S = key.shape[2]

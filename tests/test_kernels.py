@@ -244,3 +244,20 @@ def test_more_than_one_thread_keeps_pytorch_kernels(kernel, tiny_model, monkeypa
     finally:
         torch.set_num_threads(before)
     assert calls == []
+
+
+def test_few_row_attention_leaves_a_sliding_window_to_transformers(tiny_model):
+    from transformers.integrations import sdpa_attention
+
+    from specframe.kernels import few_row_attention
+
+    module = tiny_model.model.layers[0].self_attn
+    calls = []
+    original = sdpa_attention.sdpa_attention_forward
+    sdpa_attention.sdpa_attention_forward = lambda *a, **k: calls.append(k) or original(*a, **k)
+    try:
+        query, key = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 33, 8)
+        few_row_attention(module, query, key, key, None, scaling=module.scaling, sliding_window=16)
+    finally:
+        sdpa_attention.sdpa_attention_forward = original
+    assert calls and calls[0]["sliding_window"] == 16
