@@ -356,9 +356,8 @@ def generation_threads(steps: Generator, device) -> Generator:
 
     Why one thread by default: each multi-threaded operator is an OpenMP parallel region whose
     end waits for every thread. When another process keeps a core busy, the thread on that core
-    runs only when the scheduler lets it, and every region waits for it: on 2 cores with other
-    jobs running, one SDPA call took 8-13 ms at 2 threads against 0.05-0.2 ms at 1, and a
-    one-token pass of the default model 650 ms against 197 ms (docs/benchmarks.md). A decoding
+    runs only when the scheduler lets it, and every region waits for it (measured in
+    docs/benchmarks.md, "Few-row kernels"). A decoding
     round is many short regions, so the cost grows with their number, not with the work. A small
     model's pass is bound by memory bandwidth, which a second thread barely raises, and the
     few-row kernel runs on one thread.
