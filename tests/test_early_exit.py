@@ -94,7 +94,7 @@ def test_greedy_equality_with_a_reduced_vocabulary(tiny_model, stub_tokenizer, r
 def toy_head_path(tmp_path_factory):
     from .test_lossless_sampling import V  # noqa: F401  (the toy's vocabulary)
 
-    toy = tiny_llama(vocab_size=4, layers=2, hidden=16, seed=3, init=0.6)
+    toy = tiny_llama(vocab_size=4, num_layers=2, hidden_size=16, seed=3, init=0.6)
     head, _, _ = train_tiny_head(toy, layer=1, steps_epochs=2)
     return str(head.save_pretrained(tmp_path_factory.mktemp("toyhead") / "toy.safetensors"))
 
@@ -105,7 +105,7 @@ def test_speculative_sampling_with_early_exit_matches_the_exact_distribution(toy
     from specframe.plugins import PluginRegistry
     from specframe.types import SamplingConfig
 
-    toy = tiny_llama(vocab_size=4, layers=2, hidden=16, seed=3, init=0.6)
+    toy = tiny_llama(vocab_size=4, num_layers=2, hidden_size=16, seed=3, init=0.6)
     path = toy_head_path
     if not full_vocab:  # q is zero outside a 3-token vocabulary: still exact
         head = EarlyExitHead.from_pretrained(toy_head_path, toy)

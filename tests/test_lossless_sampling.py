@@ -62,7 +62,7 @@ class TestPlugin:
 
 @pytest.fixture(scope="module")
 def toy():
-    return tiny_llama(vocab_size=V, layers=2, hidden=16, seed=3, init=0.6)
+    return tiny_llama(vocab_size=V, num_layers=2, hidden_size=16, seed=3, init=0.6)
 
 
 @pytest.fixture(scope="module")
