@@ -26,8 +26,8 @@ class StubTokenizer:
         return " ".join(str(i) for i in ids)
 
 
-# the kit's tiny Llama with the suite's defaults: 64 tokens, 4 layers, unscaled logits
-tiny_llama = functools.partial(kit_tiny_llama, vocab_size=64, num_layers=4, logit_scale=1.0)
+# the kit's tiny Llama with the suite's defaults: 64 tokens, 4 layers, unscaled logits, 512 positions
+tiny_llama = functools.partial(kit_tiny_llama, vocab_size=64, num_layers=4, logit_scale=1.0, max_positions=512)
 
 
 @pytest.fixture(scope="session")

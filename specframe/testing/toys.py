@@ -15,7 +15,8 @@ VOCAB_SIZE = 16  # the vocabulary of the kit's toy models, so parts can be swapp
 
 
 def tiny_llama(vocab_size: int = VOCAB_SIZE, num_layers: int = 6, seed: int = 0, logit_scale: float = 10.0,
-               hidden_size: int = 32, init: float = 0.02, dtype: torch.dtype = torch.float32):
+               hidden_size: int = 32, init: float = 0.02, dtype: torch.dtype = torch.float32,
+               max_positions: int = 1024):
     """A random Llama small enough to run hundreds of generations a second (the suite's too).
 
     `init` is the weights' standard deviation. The final norm is scaled by `logit_scale`, so that
@@ -26,7 +27,7 @@ def tiny_llama(vocab_size: int = VOCAB_SIZE, num_layers: int = 6, seed: int = 0,
 
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, tie_word_embeddings=True, initializer_range=init,
+                         max_position_embeddings=max_positions, tie_word_embeddings=True, initializer_range=init,
                          bos_token_id=None, eos_token_id=None, pad_token_id=None)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
