@@ -19,6 +19,7 @@ from specframe.interfaces import Controller
 from specframe.plugins import PluginRegistry
 from specframe.target import TargetModel
 from specframe.testing import ConformanceError, KitSettings
+from specframe.types import SamplingConfig
 
 from .fixtures import broken_plugins
 
@@ -97,6 +98,13 @@ def test_a_drafter_that_reports_an_untempered_q_is_caught_away_from_t_1():
 def test_a_drafter_whose_rollback_is_off_by_one_is_caught():
     assert_caught(lambda: testing.check_drafter("rollback_off_by_one", BROKEN, settings=FAST), "rollback_off_by_one",
                   "rollback keeps the drafter's caches consistent")
+
+
+def test_a_drafter_drawing_outside_the_sampler_gets_the_statistical_tests_with_their_power():
+    settings = KitSettings(samples=300, draws=150, length=4, samplings=(SamplingConfig(0.7, top_k=3),))
+    report = testing.check_drafter("own_generator", BROKEN, settings=settings, only=("q_sampling", "sampling"))
+    for result in report.results:
+        assert "sampled, not exact" in result.detail and "power" in result.detail, result.detail
 
 
 ROUNDS = "each round's committed tokens follow p exactly (drafts, corrections, bonus token)"

@@ -141,12 +141,15 @@ class EnumeratingSampler(Sampler):
 
 
 def enumerate_outcomes(run: Callable[[EnumeratingSampler], Hashable], config: SamplingConfig,
-                       max_replays: int = MAX_REPLAYS) -> dict:
+                       max_replays: int = MAX_REPLAYS, rechecks: int = 3) -> dict:
     """{outcome: probability} of `run(sampler)` over every branch of its draws.
 
     `run` must build its parts afresh on each call, so that each replay starts from the same state.
+    `rechecks` paths are replayed once more at the end: a different outcome means randomness from
+    outside the sampler (NotEnumerable), even where it made no branch differ.
     """
     outcomes: dict = {}
+    leaves: list[tuple[list[int], list[tuple[float, ...]], Hashable]] = []
     stack: list[tuple[list[int], list[tuple[float, ...]]]] = [([], [])]
     replays = 0
     while stack:
@@ -162,6 +165,12 @@ def enumerate_outcomes(run: Callable[[EnumeratingSampler], Hashable], config: Sa
             stack += [(script + [i], seen + [options]) for i in reversed(range(len(options)))]
             continue
         outcomes[outcome] = outcomes.get(outcome, 0.0) + replay.weight
+        if len(leaves) < rechecks:
+            leaves.append((script, seen, outcome))
+    for script, seen, outcome in leaves:
+        again = run(EnumeratingSampler(config, _Replay(script, seen)))
+        if again != outcome:
+            raise NotEnumerable(f"one path gave {outcome} and then {again}: a part draws randomness outside the sampler")
     total = sum(outcomes.values())
     if abs(total - 1.0) > 1e-9:  # paths that changed between replays (time, outside randomness)
         raise NotEnumerable(f"the branches' probabilities add up to {total!r}, not 1: the replays were not deterministic")
