@@ -113,9 +113,12 @@ SAMPLING = "lossless sampling (exact sequence distribution)"
 
 @pytest.mark.parametrize("name", sorted(broken_plugins.BROKEN_VERIFIERS))
 def test_each_broken_verifier_is_caught_exactly(name):
-    """Every bug is caught by the exact rounds and by the exact distribution through the engine."""
+    """Every bug is caught by the exact rounds, and all but one by the exact distribution through the
+    engine too: on the kit's table, 4 new tokens happen not to show one uniform shared by a round
+    (the case of tests/test_exact_engine.py does)."""
+    properties = (ROUNDS,) if name == "shared_uniform" else (ROUNDS, SAMPLING)
     error = assert_caught(lambda: testing.check_verifier(name, BROKEN, settings=FAST, only=("rounds", "sampling")),
-                          name, ROUNDS, SAMPLING)
+                          name, *properties)
     assert "exact, by enumerating every draw" in str(error) or "p = 0" in str(error)
 
 

@@ -30,8 +30,9 @@ from ..types import SamplingConfig
 MAX_REPLAYS = 20_000  # engine replays one enumeration may take before it gives up
 
 
-class NotEnumerable(Exception):
-    """The generation cannot be enumerated (the message says why); test it statistically instead."""
+class NotEnumerable(BaseException):
+    """The generation cannot be enumerated (the message says why); test it statistically instead.
+    A BaseException, so that the engine's fault handling (`except Exception`) lets it through."""
 
 
 class _Unexplored(BaseException):
@@ -121,12 +122,16 @@ class SymbolicUniform:
 
 
 class EnumeratingSampler(Sampler):
-    """A `Sampler` whose draws branch (see the module docstring). Its `generator` is seeded at
-    random, so a part that draws from it directly is caught as not enumerable."""
+    """A `Sampler` whose draws branch (see the module docstring). A part that reaches for its
+    `generator` to draw by itself raises NotEnumerable."""
 
     def __init__(self, config: SamplingConfig, replay: _Replay, device: torch.device | str = "cpu"):
-        super().__init__(SamplingConfig(config.temperature, config.top_k, config.top_p, None), device)
+        self.config = SamplingConfig(config.temperature, config.top_k, config.top_p, None)
         self._replay = replay
+
+    @property
+    def generator(self) -> torch.Generator:
+        raise NotEnumerable("a part draws from sampler.generator itself; the kit follows sample() and uniform() only")
 
     def sample(self, probs: torch.Tensor) -> int:
         if self.greedy:

@@ -74,8 +74,8 @@ def chi_square_power(expected: dict, alpha: float, shift: float = SHIFT) -> floa
         middle = (low + high) / 2
         low, high = (middle, high) if _upper_tail(dof, middle) > alpha else (low, middle)
     half = noncentrality / 2  # a Poisson(half) mixture of central chi-squares with dof + 2j
-    return sum(math.exp(-half + j * math.log(half) - math.lgamma(j + 1)) * _upper_tail(dof + 2 * j, high)
-               for j in range(int(half + 10 * math.sqrt(half) + 20))) if half > 0 else alpha
+    return min(1.0, sum(math.exp(-half + j * math.log(half) - math.lgamma(j + 1)) * _upper_tail(dof + 2 * j, high)
+               for j in range(int(half + 10 * math.sqrt(half) + 20)))) if half > 0 else alpha
 
 
 def expect_fit(what: str, observed: Counter, expected: dict, alpha: float) -> str:
