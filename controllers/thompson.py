@@ -13,7 +13,7 @@ Three controllers share one Beta–Bernoulli machinery (`BetaBank`):
   of the drafter's confidence; θ is drawn from the bin of the token just drafted.
 - `thompson_cost` (`CostAwareThompsonController`): once per round draws θ ~ Beta(α, β) and
   drafts the k that maximises expected tokens per second under that θ and the measured draft and
-  verify times (they differ a lot on a CPU, see DESIGN.md "Costs on a CPU").
+  verify times (they differ a lot on a CPU, see docs/controllers.md "Costs").
 
 Choices the paper leaves open, made here (docs/controllers.md gives the full reasoning):
 
@@ -44,9 +44,10 @@ Choices the paper leaves open, made here (docs/controllers.md gives the full rea
   (`persist=True`): acceptance is mostly a property of the drafter and the target, and a short
   answer should not spend its first rounds relearning it; forgetting lets each answer adapt.
   `persist=False` resets both in `begin()`, so each generation is reproducible on its own.
-- The cap. `max_k = 8`. On this CPU (fp32) verifying 9 positions costs about twice a one-token
-  forward, and the 9th draft adds only θ⁹ expected tokens (0.13 at θ = 0.8); with the measured
-  costs the best fixed draft length exceeds 8 only for θ ≥ 0.95. At most MAX_DRAFT_CAP (64).
+- The cap. `max_k = 8`. On a CPU in fp32 verifying 9 positions costs about twice a one-token
+  forward, and the 9th draft adds only θ⁹ expected tokens (0.13 at θ = 0.8); with such costs the
+  best fixed draft length exceeds 8 only for θ ≥ 0.95 (docs/controllers.md). At most
+  MAX_DRAFT_CAP (64).
 - At least one draft. Beta-TS and Calibration-TS always draft one token (the drafter asks the
   controller only after drafting), as in the paper; `thompson_cost` may choose 0 (a plain
   decoding round) when no draft length pays, which the engine supports.
@@ -56,73 +57,25 @@ Randomness comes only from the controller's own `random.Random(seed)`.
 
 from __future__ import annotations
 
-import math
 import random
-from collections.abc import Sequence
 
 from attrs import define, field
 
-from specframe.costs import expected_tokens
+from specframe.cost_model import best_length
 from specframe.errors import ConfigError
 from specframe.interfaces import Controller
 from specframe.types import RoundStats
 
+from .options import int_in, is_bool, number_in, one_of, parse_costs, positive_costs
 from .simple import MAX_DRAFT_CAP
 
 DEFAULT_MAX_K = 8
 DEFAULT_DISCOUNT = 0.98
 RESAMPLE_CHOICES = ("token", "round")
-# One verification pass over K drafts (K + 1 positions) relative to K = 0, fp32 on this CPU
-# (DESIGN.md, "Costs on a CPU"; K = 4 and 6 interpolated). Beyond the end: the last slope.
-CPU_FP32_VERIFY_COSTS = (1.0, 1.15, 1.23, 1.60, 1.69, 1.78, 1.905, 2.03)
-CPU_DRAFT_COST = 0.3  # one draft step relative to a one-token forward, same source
-
-
-# ---- validators: bad values fail where they enter, with the option's name ---------------------
-def _int_in(low: int, high: int):
-    def check(instance, attribute, value) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ConfigError(f"option {attribute.name!r} must be an integer in [{low}, {high}], got {value!r}")
-    return check
-
-
-def _number_in(low: float, high: float, low_open: bool = False):
-    def check(instance, attribute, value) -> None:
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or not (low < value if low_open else low <= value) or not value <= high:
-            bracket = "(" if low_open else "["
-            raise ConfigError(f"option {attribute.name!r} must be a number in {bracket}{low}, {high}], got {value!r}")
-    return check
-
-
-def _bool(instance, attribute, value) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"option {attribute.name!r} must be true or false, got {value!r}")
-
-
-def _one_of(choices: tuple[str, ...]):
-    def check(instance, attribute, value) -> None:
-        if value not in choices:
-            raise ConfigError(f"option {attribute.name!r} must be one of {', '.join(choices)}, got {value!r}")
-    return check
-
-
-def _parse_costs(value) -> tuple[float, ...]:
-    """A sequence of numbers (or '1,1.15,1.23' when the class is built directly) -> a tuple of floats.
-
-    Options from the command line arrive already converted: specframe.plugins reads tuple[float, ...]."""
-    items = value.split(",") if isinstance(value, str) else value
-    try:
-        return tuple(float(item) for item in items)
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"option 'verify_costs' must be numbers separated by commas, e.g. 1,1.15,1.23; got {value!r}"
-        ) from None
-
-
-def _positive_costs(instance, attribute, value) -> None:
-    if not value or not all(math.isfinite(c) and c > 0 for c in value):
-        raise ConfigError(f"option {attribute.name!r} needs at least one cost, all finite and > 0; got {value!r}")
+# The priors of thompson_cost's costs assume no machine: free drafts, and verification costs learned
+# from the rounds measured (`specframe costs` measures a machine's table; docs/controllers.md, "Costs").
+NEUTRAL_VERIFY_COSTS = ()  # none: v(k) is learned as a line a + b·k from the measured rounds
+NEUTRAL_DRAFT_COST = 0.0
 
 
 # ---- the posterior --------------------------------------------------------------------------
@@ -171,10 +124,10 @@ class ThompsonBase(Controller):
     """Options and state every Thompson controller shares. Subclasses say how many bins their
     posterior has (`_priors`) and which bin each judged draft updates (`_observations`)."""
 
-    max_k: int = field(default=DEFAULT_MAX_K, validator=_int_in(1, MAX_DRAFT_CAP))  # cap per round
-    discount: float = field(default=DEFAULT_DISCOUNT, validator=_number_in(0.0, 1.0, low_open=True))
-    persist: bool = field(default=True, validator=_bool)  # keep the posterior across generations
-    seed: int = field(default=0, validator=_int_in(0, 2**63 - 1))  # seeds the controller's own RNG
+    max_k: int = field(default=DEFAULT_MAX_K, validator=int_in(1, MAX_DRAFT_CAP))  # cap per round
+    discount: float = field(default=DEFAULT_DISCOUNT, validator=number_in(0.0, 1.0, low_open=True))
+    persist: bool = field(default=True, validator=is_bool)  # keep the posterior across generations
+    seed: int = field(default=0, validator=int_in(0, 2**63 - 1))  # seeds the controller's own RNG
     rng: random.Random = field(init=False, repr=False)
     posterior: BetaBank = field(init=False)
 
@@ -210,7 +163,7 @@ class ThompsonBase(Controller):
 class StoppingThompson(ThompsonBase):
     """Beta-TS and Calibration-TS: after each draft, draw θ for its bin, then χ ~ Bernoulli(θ)."""
 
-    resample: str = field(default="token", validator=_one_of(RESAMPLE_CHOICES))  # when θ is drawn
+    resample: str = field(default="token", validator=one_of(RESAMPLE_CHOICES))  # when θ is drawn
     round_theta: dict[int, float] = field(init=False, factory=dict, repr=False)  # θ per bin this round
 
     def reset(self) -> None:
@@ -250,8 +203,8 @@ class BetaThompsonController(StoppingThompson):
     most `max_k` tokens. Accepted drafts are successes, the first rejected one a failure, later
     ones unseen; evidence decays by `discount` per round. See the module docstring for why."""
 
-    prior_alpha: float = field(default=1.0, validator=_number_in(0.0, 1e6, low_open=True))
-    prior_beta: float = field(default=1.0, validator=_number_in(0.0, 1e6, low_open=True))
+    prior_alpha: float = field(default=1.0, validator=number_in(0.0, 1e6, low_open=True))
+    prior_beta: float = field(default=1.0, validator=number_in(0.0, 1e6, low_open=True))
 
     def _priors(self):
         return (float(self.prior_alpha),), (float(self.prior_beta),)
@@ -268,8 +221,8 @@ class CalibratedThompsonController(StoppingThompson):
     The update uses `RoundStats.confidences`; a drafter that does not fill them is binned by the
     confidences it passed to `keep_drafting` this round. NaN confidences go to the lowest bin."""
 
-    bins: int = field(default=10, validator=_int_in(1, 1000))
-    prior_strength: float = field(default=2.0, validator=_number_in(0.0, 1e6, low_open=True))
+    bins: int = field(default=10, validator=int_in(1, 1000))
+    prior_strength: float = field(default=2.0, validator=number_in(0.0, 1e6, low_open=True))
     seen_confidences: list[float] = field(init=False, factory=list, repr=False)  # this round's
 
     def _priors(self):
@@ -303,17 +256,6 @@ class CalibratedThompsonController(StoppingThompson):
 
 
 # ---- cost-aware -------------------------------------------------------------------------------
-def best_length(theta: float, seconds: Sequence[float], min_k: int = 0) -> int:
-    """The k in [min_k, len(seconds) - 1] with the most expected tokens per second, where
-    seconds[k] is a round's cost when drafting k. Ties go to the shorter draft."""
-    best_k, best_rate = min_k, -1.0
-    for k in range(min_k, len(seconds)):
-        rate = expected_tokens(theta, k) / seconds[k]
-        if rate > best_rate * (1 + 1e-9):
-            best_k, best_rate = k, rate
-    return best_k
-
-
 @define(kw_only=True)
 class CostAwareThompsonController(ThompsonBase):
     """Thompson sampling over the draft length, with measured costs.
@@ -326,21 +268,22 @@ class CostAwareThompsonController(ThompsonBase):
 
     c and v(k) are measured (`RoundStats.draft_seconds / drafted` and `verify_seconds`), forgotten
     by `discount` per round like the posterior, and shrunk toward a prior worth `cost_prior_weight`
-    rounds: v(k) toward `verify_costs[k]` (relative to k = 0; default this CPU's fp32 table) and c
-    toward `draft_cost`, both scaled to seconds by what was measured. So untried lengths are
-    priced by the table's shape and tried ones by their measurements. With min_k = 0 it may
+    rounds: c toward `draft_cost` (relative to a forward; default 0) and v(k) toward a prior: by
+    default a line a + b·k fitted to the measured rounds, or with `verify_costs` (relative to
+    k = 0) that table's shape scaled to seconds by the measurements. So untried lengths are
+    priced by the trend or the table and tried ones by their measurements. With min_k = 0 it may
     decode plainly for a while when drafting does not pay; forgetting widens the posterior again,
     and then it tries drafting anew. Engine time outside drafting and verifying is not counted.
     """
 
-    min_k: int = field(default=0, validator=_int_in(0, MAX_DRAFT_CAP))
-    prior_alpha: float = field(default=1.0, validator=_number_in(0.0, 1e6, low_open=True))
-    prior_beta: float = field(default=1.0, validator=_number_in(0.0, 1e6, low_open=True))
-    draft_cost: float = field(default=CPU_DRAFT_COST, validator=_number_in(0.0, 1e6))
+    min_k: int = field(default=0, validator=int_in(0, MAX_DRAFT_CAP))
+    prior_alpha: float = field(default=1.0, validator=number_in(0.0, 1e6, low_open=True))
+    prior_beta: float = field(default=1.0, validator=number_in(0.0, 1e6, low_open=True))
+    draft_cost: float = field(default=NEUTRAL_DRAFT_COST, validator=number_in(0.0, 1e6))
     verify_costs: tuple[float, ...] = field(
-        default=CPU_FP32_VERIFY_COSTS, converter=_parse_costs, validator=_positive_costs
+        default=NEUTRAL_VERIFY_COSTS, converter=parse_costs, validator=positive_costs
     )
-    cost_prior_weight: float = field(default=2.0, validator=_number_in(0.0, 1e6, low_open=True))
+    cost_prior_weight: float = field(default=2.0, validator=number_in(0.0, 1e6, low_open=True))
     planned: int = field(init=False, default=0)  # k chosen for the current round
     draft_sums: list[float] = field(init=False, repr=False)  # [seconds, tokens], discounted
     verify_sums: list[list[float]] = field(init=False, repr=False)  # per k: [seconds, rounds]
@@ -369,16 +312,36 @@ class CostAwareThompsonController(ThompsonBase):
 
     def round_seconds(self) -> list[float]:
         """T(k) = c·k + v(k) for k = 0..max_k, in seconds (relative units before any measurement)."""
-        measured = sum(s for s, _ in self.verify_sums)
-        units = sum(n * self.prior_verify_cost(k) for k, (_, n) in enumerate(self.verify_sums))
-        scale = measured / units if units > 0 and measured > 0 else 1.0  # seconds per unit
+        prior, scale = self._verify_prior()
         weight = self.cost_prior_weight
         seconds, tokens = self.draft_sums
         per_draft = (seconds + weight * scale * self.draft_cost) / (tokens + weight)
         return [
-            per_draft * k + (spent + weight * scale * self.prior_verify_cost(k)) / (rounds + weight)
+            per_draft * k + (spent + weight * prior[k]) / (rounds + weight)
             for k, (spent, rounds) in enumerate(self.verify_sums)
         ]
+
+    def _verify_prior(self) -> tuple[list[float], float]:
+        """v(k)'s prior in seconds for k = 0..max_k, and the seconds of one forward (the unit).
+
+        With `verify_costs`, their shape scaled by the measurements; without, a line a + b·k
+        (b >= 0) fitted to the measured rounds, so an untried length is priced between its
+        measured neighbours or beyond them along the trend."""
+        measured = [(k, spent / n, n) for k, (spent, n) in enumerate(self.verify_sums) if n > 0 and spent > 0]
+        if self.verify_costs:
+            units = sum(n * self.prior_verify_cost(k) for k, _, n in measured)
+            scale = sum(v * n for _, v, n in measured) / units if measured else 1.0  # seconds per unit
+            return [scale * self.prior_verify_cost(k) for k in range(self.max_k + 1)], scale
+        if not measured:
+            return [1.0] * (self.max_k + 1), 1.0
+        total = sum(n for *_, n in measured)
+        mean_k = sum(k * n for k, _, n in measured) / total
+        mean_v = sum(v * n for _, v, n in measured) / total
+        spread = sum(n * (k - mean_k) ** 2 for k, _, n in measured)
+        slope = max(0.0, sum(n * (k - mean_k) * (v - mean_v) for k, v, n in measured) / spread) if spread else 0.0
+        floor = min(v for _, v, _ in measured) / 2
+        line = [max(floor, mean_v + slope * (k - mean_k)) for k in range(self.max_k + 1)]
+        return line, line[0]
 
     def max_draft(self) -> int:
         theta = self.posterior.sample(self.rng)

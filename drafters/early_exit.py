@@ -3,7 +3,8 @@
 Liu et al., "Speculative Decoding via Early-exiting for Faster LLM Inference with Thompson
 Sampling Control Mechanism", Findings of ACL 2024 (arXiv 2406.03853).
 
-Each draft token runs the target's layers [0, N) once (`TargetModel.lower`); verification then
+`before_prefill` splits the target at layer N (`TargetModel.enable_split`), so the prefill keeps
+the prompt's states there. Each draft token runs layers [0, N) once (`SplitView.lower`); verification then
 reuses their KV cache and activations and runs only layers N..L-1 for it. The head (one decoder
 layer + norm + the frozen tied LM head, see `specframe.heads`) keeps its own KV cache: filled
 for the prompt from the split-layer states, extended with every drafted token, rolled back with
@@ -17,6 +18,7 @@ import torch
 from attrs import define, field, validators as v
 
 from specframe.errors import SpecframeError
+from specframe.heads import EarlyExitHead
 from specframe.interfaces import Drafter
 from specframe.types import Draft
 
@@ -27,30 +29,30 @@ from .self_exit import draft_with
 class EarlyExitDrafter(Drafter):
     """Draft with the target's first N layers and a trained head (N is stored in the head)."""
 
-    head: str | None = field(default=None, validator=v.optional(v.instance_of(str)))  # path; None = shipped
+    # a head file's path, or an EarlyExitHead already loaded (from Python); None = the shipped head
+    head: object = field(default=None, validator=v.optional(v.instance_of((str, EarlyExitHead))))
     # also draft tokens of the context outside a reduced vocabulary (measured: no gain, see docs/eesd.md)
     context_vocab: bool = field(default=False, validator=v.instance_of(bool))
-    target: object = field(default=None, init=False, repr=False)
+    split: object = field(default=None, init=False, repr=False)  # the target's SplitView
     model: object = field(default=None, init=False, repr=False)  # the head (an EarlyExitHead)
     _loaded_for: int | None = field(default=None, init=False, repr=False)
     _vocab_seen: int = field(default=0, init=False, repr=False)  # context tokens already in the head's vocab
 
-    def begin(self, target, prompt_ids, sampler) -> None:
+    def before_prefill(self, target, prompt_ids) -> None:
+        """Split the target at the head's layer, so the prefill keeps the prompt's states there."""
         if not target.layered:
             raise SpecframeError(f"{type(target.model).__name__} is not a Llama-style decoder, so the early_exit "
                                  "drafter cannot split it; use a drafter such as 'ngram' or 'draft_model'")
         self._load(target)
-        layer = self.model.exit_layer
-        split_during_prefill = target.split_layer == layer and target.split_hidden is not None
-        target.enable_split(layer)
-        self.target = target
+        self.split = target.enable_split(self.model.exit_layer)
+
+    def begin(self, target, prompt_ids, sampler) -> None:
+        self.before_prefill(target, prompt_ids)  # idempotent; a wrapper may not have called it
         self.model.reset_cache()
         self.model.reset_context_vocab()
         self._vocab_seen = 0
         if prompt_ids:
-            prompt_hidden = (target.hidden_at_split(0, len(prompt_ids)) if split_during_prefill
-                             else lower_states(target, prompt_ids, layer))
-            self.model.extend(prompt_hidden, logits=False)
+            self.model.extend(self.split.hidden(0, len(prompt_ids)), logits=False)
 
     def propose(self, context, max_tokens, controller, sampler) -> Draft:
         committed = len(context) - 1  # context[-1] is pending: not yet run through the model
@@ -58,12 +60,12 @@ class EarlyExitDrafter(Drafter):
             self.model.add_context_vocab(context[self._vocab_seen :])
             self._vocab_seen = len(context)
         if self.model.length < committed:  # tokens that verification lowered (bonus/correction)
-            self.model.extend(self.target.hidden_at_split(self.model.length, committed), logits=False)
+            self.model.extend(self.split.hidden(self.model.length, committed), logits=False)
         return draft_with(self._step, context[-1], max_tokens, controller, sampler)
 
     @torch.inference_mode()
     def _step(self, token: int) -> torch.Tensor:
-        hidden = self.target.lower(torch.tensor([token]))  # (1, C) after layer N
+        hidden = self.split.lower(torch.tensor([token]))  # (1, C) after layer N
         logits = self.model.extend(hidden)  # (1, R)
         return self.model.to_full_vocab(logits)[0].float()  # (V,), -inf outside a reduced vocabulary
 
@@ -74,8 +76,11 @@ class EarlyExitDrafter(Drafter):
     def _load(self, target) -> None:
         if self._loaded_for == id(target.model):
             return
-        from specframe.heads import EarlyExitHead, shipped_head_path
+        from specframe.heads import shipped_head_path
 
+        if isinstance(self.head, EarlyExitHead):
+            self.model, self._loaded_for = self.head, id(target.model)
+            return
         path = self.head or shipped_head_path(target.model)
         if path is None:
             raise SpecframeError(
@@ -85,22 +90,3 @@ class EarlyExitDrafter(Drafter):
         self.model = EarlyExitHead.from_pretrained(path, target.model)
         self._loaded_for = id(target.model)
 
-
-@torch.inference_mode()
-def lower_states(target, ids: list[int], layer: int) -> torch.Tensor:
-    """(T, C) states after layer N of `ids` at positions 0.., computed aside (no shared cache).
-
-    Used when the target prefilled the prompt before the split was enabled.
-    """
-    from specframe.target import KVCache, causal_mask
-
-    inner = target.model.model
-    x = inner.embed_tokens(torch.tensor(ids, device=target.device)[None])  # (1, T, C)
-    position_ids = torch.arange(len(ids), device=target.device)[None]
-    rope = inner.rotary_emb(x, position_ids=position_ids)
-    mask = causal_mask(len(ids), 0, target.device)
-    scratch = KVCache()
-    for block in inner.layers[:layer]:
-        x = block(x, attention_mask=mask, position_ids=position_ids, cache=scratch, use_cache=True,
-                  position_embeddings=rope)
-    return x[0]

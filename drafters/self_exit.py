@@ -41,16 +41,18 @@ class SelfExitDrafter(Drafter):
     """Draft with the target's first `layer` layers and its final norm + LM head."""
 
     layer: int = field(default=4, validator=[v.instance_of(int), v.ge(1)])
-    target: object = field(default=None, init=False, repr=False)
+    split: object = field(default=None, init=False, repr=False)  # the target's SplitView
+
+    def before_prefill(self, target, prompt_ids) -> None:
+        self.split = target.enable_split(self.layer)
 
     def begin(self, target, prompt_ids, sampler) -> None:
-        target.enable_split(self.layer)
-        self.target = target
+        self.split = target.enable_split(self.layer)  # idempotent; a wrapper may not have called it
 
     @torch.inference_mode()
     def _step(self, token: int) -> torch.Tensor:
-        hidden = self.target.lower(torch.tensor([token]))  # (1, C)
-        return self.target.logits(hidden)[0].float()
+        hidden = self.split.lower(torch.tensor([token]))  # (1, C)
+        return self.split.logits(hidden)[0].float()
 
     def propose(self, context, max_tokens, controller, sampler) -> Draft:
         return draft_with(self._step, context[-1], max_tokens, controller, sampler)

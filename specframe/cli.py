@@ -9,6 +9,7 @@ import sys
 import warnings
 
 from . import __version__
+from .arguments import add_generation_arguments, add_model_arguments
 from .decoder import DEFAULT_CONTROLLER, DEFAULT_DRAFTER, DEFAULT_VERIFIER, PLAIN
 from .engine import ON_ERROR_CHOICES
 from .errors import ConfigError, SpecframeError
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_run(commands)
     _add_plugins(commands)
-    _add_lazy(commands, "train", "specframe.train", "train an early-exit draft head by self-distillation")
+    _add_lazy(commands, "train", "specframe.training", "train an early-exit draft head by self-distillation")
     _add_lazy(commands, "bench", "specframe.bench", "compare methods on a prompt set (speed and losslessness)")
     _add_lazy(commands, "costs", "specframe.costs",
               "time forward passes over t tokens and the draft step: what speculation can earn here")
@@ -85,26 +86,8 @@ def _add_run(commands) -> None:
     run.set_defaults(handler=cmd_run)
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default=None, metavar="PATH",
-                       help="a local Hugging Face causal LM directory (default: embedded SmolLM2-135M-Instruct)")
-    group.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda")
-    group.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                       help="weights dtype; lossless means against plain decoding in the same dtype")
-
-
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("generation")
-    group.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens (default 128)")
-    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    group.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    group.add_argument("--seed", type=int, default=None, help="seed for sampling and for controllers")
-    chat = group.add_mutually_exclusive_group()
-    chat.add_argument("--chat", dest="chat", action="store_true", default=None,
-                      help="apply the tokenizer's chat template (default when it has one)")
-    chat.add_argument("--no-chat", dest="chat", action="store_false", help="use the prompt as raw text")
+    group = add_generation_arguments(parser)
     group.add_argument("--truncate-prompt", action="store_true",
                        help="when the prompt plus --max-new-tokens exceeds the model's context, keep the end of "
                             "the prompt (default: stop with an error)")

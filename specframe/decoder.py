@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from collections.abc import Iterator, Mapping
 
 import attrs
@@ -17,7 +16,10 @@ import torch
 from .checks import is_int
 from .engine import ON_ERROR_CHOICES, Parts, StatsRecorder, generate_tokens
 from .errors import ConfigError, ModelLoadError, SpecframeError
+from .interfaces import is_lossless
+from .models import context_length, eos_token_ids
 from .plugins import PluginRegistry, get_registry
+from .prompts import encode_prompt, fit_context
 from .sampling import Sampler
 from .target import TargetModel
 from .types import GenerationResult, GenerationStats, SamplingConfig, is_real
@@ -36,11 +38,12 @@ class SpeculativeDecoder:
     >>> decoder = SpeculativeDecoder(model, tokenizer, drafter="ngram", controller="fixed")
     >>> decoder.generate("Explain what a hash table is.", max_new_tokens=64).text
 
+    drafter="none" decodes plainly through the same engine (None, the old spelling, still works).
     on_error: "fail" raises `PluginContractError` when a part breaks its contract; "fallback"
     finishes that generation with plain decoding and a `RuntimeWarning` (same output).
     """
 
-    def __init__(self, model, tokenizer, drafter: str | None = DEFAULT_DRAFTER,
+    def __init__(self, model, tokenizer, drafter: str = DEFAULT_DRAFTER,
                  controller: str = DEFAULT_CONTROLLER, verifier: str = DEFAULT_VERIFIER,
                  drafter_options: dict | None = None, controller_options: dict | None = None,
                  verifier_options: dict | None = None, on_error: str = "fail",
@@ -72,7 +75,7 @@ class SpeculativeDecoder:
             verifier=parts["verifier"], names=chosen,
             plugins={kind: registry.get(kind, name).plugin for kind, name in chosen.items() if parts[kind] is not None},
         )
-        self.lossless = bool(getattr(self.parts.verifier, "lossless", True))
+        self.lossless = is_lossless(self.parts.verifier)
         self.last_result: GenerationResult | None = None
 
     @classmethod
@@ -102,56 +105,10 @@ class SpeculativeDecoder:
             raise ModelLoadError(f"the model in {str(path)!r} is not usable: {exc}") from None
         return cls(model, tokenizer, **kwargs)
 
-    # ---- prompts -----------------------------------------------------------------------------
+    # ---- prompts ----------------------------------------------------------------------------
     def encode(self, prompt: str | list[int], chat: bool | None = None) -> list[int]:
         """Token ids of a prompt; a chat template is applied when the tokenizer has one (chat=None)."""
-        if chat is not None and not isinstance(chat, bool):
-            raise ConfigError(f"chat must be True, False or None (use the template when there is one), got {chat!r}")
-        if isinstance(prompt, torch.Tensor):
-            if prompt.dim() != 1 or prompt.is_floating_point() or prompt.is_complex():
-                raise ConfigError(f"a tensor prompt must be 1-D token ids, got shape {tuple(prompt.shape)} "
-                                  f"and dtype {prompt.dtype}")
-            prompt = prompt.tolist()
-        if isinstance(prompt, (list, tuple)):
-            ids = self._check_ids(prompt)
-        elif isinstance(prompt, str):
-            ids = self._encode_text(prompt, chat)
-        else:
-            raise ConfigError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        if not ids:
-            raise ConfigError("the prompt is empty (no tokens); give some text (or token ids) to continue")
-        return ids
-
-    def _check_ids(self, prompt) -> list[int]:
-        vocab_size = self.target.vocab_size
-        for position, token in enumerate(prompt):
-            if not is_int(token) or not 0 <= token < vocab_size:
-                raise ConfigError(f"token ids must be integers in [0, {vocab_size}), got {token!r} at position "
-                                  f"{position} of the prompt; encode text with the model's tokenizer")
-        return [int(t) for t in prompt]
-
-    def _encode_text(self, prompt: str, chat: bool | None) -> list[int]:
-        if self.tokenizer is None:
-            raise ConfigError("this decoder has no tokenizer, so the prompt must be a list of token ids; "
-                              "pass a tokenizer to SpeculativeDecoder to use text prompts")
-        if not prompt.strip():
-            raise ConfigError("the prompt is empty; give some text to continue")
-        has_template = bool(getattr(self.tokenizer, "chat_template", None))
-        if chat and not has_template:
-            raise ConfigError("this tokenizer has no chat template, so --chat (chat=True) cannot be used; "
-                              "run with --no-chat (chat=False) to use the prompt as raw text")
-        try:
-            if chat or (chat is None and has_template):
-                messages = [{"role": "user", "content": prompt}]
-                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-                ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-            else:
-                ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            ids = [int(t) for t in ids]
-        except Exception as exc:  # e.g. text the tokenizer cannot encode (lone surrogates)
-            raise ConfigError(f"the tokenizer could not encode the prompt ({type(exc).__name__}: {exc}); "
-                              "check that the prompt is valid text") from exc
-        return ids
+        return encode_prompt(prompt, self.tokenizer, self.target.vocab_size, chat)
 
     # ---- generation --------------------------------------------------------------------------
     def stream_tokens(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
@@ -167,9 +124,9 @@ class SpeculativeDecoder:
         check_max_new_tokens(max_new_tokens)
         if not isinstance(truncate, bool):
             raise ConfigError(f"truncate must be True or False, got {truncate!r}")
-        ids = fit_context(self.encode(prompt, chat), max_new_tokens, self.target, truncate)
+        ids = fit_context(self.encode(prompt, chat), max_new_tokens, context_length(self.target.config), truncate)
         sampler = Sampler(config, device=self.target.device)
-        eos = _eos_ids(self.tokenizer, self.target.model)
+        eos = eos_token_ids(self.tokenizer, self.target.model)
         return (yield from generate_tokens(self.parts, ids, sampler, max_new_tokens, eos, self.on_error, recorder))
 
     def stream(self, prompt, **kwargs) -> Iterator[str]:
@@ -281,42 +238,7 @@ def check_max_new_tokens(max_new_tokens) -> None:
         raise ConfigError(f"max_new_tokens={max_new_tokens} is absurdly large; use at most {MAX_NEW_TOKENS_LIMIT}")
 
 
-def context_length(target: TargetModel) -> int | None:
-    value = getattr(target.config.get_text_config(), "max_position_embeddings", None)
-    return value if is_int(value) and value > 0 else None
-
-
-def fit_context(ids: list[int], max_new_tokens: int, target: TargetModel, truncate: bool) -> list[int]:
-    """The prompt ids, checked (or, with truncate, cut from the front) to fit the model's context."""
-    context = context_length(target)
-    if not context or len(ids) + max_new_tokens <= context:
-        return ids
-    if max_new_tokens >= context:
-        raise ConfigError(f"max_new_tokens ({max_new_tokens}) leaves no room for the prompt in the model's "
-                          f"context of {context} tokens; use --max-new-tokens {context - 1} or fewer")
-    if not truncate:
-        raise ConfigError(
-            f"the prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's context "
-            f"of {context} tokens; shorten the prompt, lower --max-new-tokens, or pass --truncate-prompt "
-            f"(truncate=True) to keep the last {context - max_new_tokens} prompt tokens"
-        )
-    keep = context - max_new_tokens
-    warnings.warn(f"the prompt ({len(ids)} tokens) was cut to its last {keep} tokens to fit the model's context "
-                  f"of {context} with max_new_tokens={max_new_tokens}", RuntimeWarning, stacklevel=3)
-    return ids[-keep:]
-
-
 def _partial_stats(recorder: StatsRecorder, tokens: list[int]) -> GenerationStats:
     """The statistics of an interrupted generation: the rounds finished so far."""
     return attrs.evolve(recorder.finish(), new_tokens=len(tokens))
 
-
-def _eos_ids(tokenizer, model) -> set[int]:
-    ids: set[int] = set()
-    for value in (getattr(tokenizer, "eos_token_id", None),
-                  getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids

@@ -22,7 +22,7 @@ from attrs import define, field
 
 from .checks import check_draft, check_verdict, clamp_draft_budget
 from .errors import PluginContractError, SpecframeError
-from .interfaces import Controller, Drafter, Verifier
+from .interfaces import Controller, Drafter, Verifier, is_lossless
 from .sampling import Sampler
 from .target import TargetModel
 from .types import Draft, GenerationStats, RoundStats, Verdict, histogram
@@ -93,6 +93,7 @@ def generate_tokens(
     target = parts.target
     # 1. Prefill the prompt in one pass; the first new token comes from its last position.
     target.reset()
+    loop.before_prefill(prompt_ids)
     first = sampler.sample(sampler.probs(target.forward(torch.tensor(prompt_ids), logits_to_keep=1))[0])
     committed, finish = _commit([first], eos_token_ids, max_new_tokens)
     context = list(prompt_ids) + committed
@@ -146,9 +147,31 @@ class _Loop:
     drafter: Drafter | None = None
 
     # ---- the steps of a round ----------------------------------------------------------------
+    def before_prefill(self, prompt_ids: list[int]) -> None:
+        """Let the drafter set the target up (enable a split) before the prompt is prefilled."""
+        hook = getattr(self.parts.drafter, "before_prefill", None)  # optional for duck-typed drafters
+        if hook is None:
+            return
+        try:
+            hook(self.parts.target, list(prompt_ids))
+            if self.parts.target.length:
+                plugin, part = self.parts.who("drafter")
+                raise PluginContractError(plugin, "before_prefill() must not run the target's forward pass",
+                                          f"the target holds {self.parts.target.length} tokens", part)
+        except SpecframeError as exc:
+            if not isinstance(exc, PluginContractError):
+                raise  # a set-up error (not a Llama-style decoder, bad head file): the user must fix it
+            self._prefill_fault(exc)
+        except Exception as exc:
+            self._prefill_fault(exc)
+
+    def _prefill_fault(self, exc: Exception) -> None:
+        self.fault(exc, "drafter", "before_prefill", [], scored=True)
+        self.parts.target.reset()
+
     def begin(self, context: list[int], sampler: Sampler) -> None:
         """Start the controller and the drafter after the prompt was prefilled."""
-        if self.parts.drafter is None:
+        if self.parts.drafter is None or self.recorder.fallback is not None:
             return
         target = self.parts.target
         try:
@@ -211,7 +234,7 @@ class _Loop:
             return Verdict(0, sampler.sample(p[0]))
         verifier = self.parts.verifier
         plugin, part = self.parts.who("verifier")
-        lossless = bool(getattr(verifier, "lossless", True))
+        lossless = is_lossless(verifier)
         try:
             verdict = verifier.verify(draft.tokens, draft.q, p, sampler)
             check_verdict(verdict, len(draft), self.parts.target.vocab_size, plugin, part,

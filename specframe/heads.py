@@ -132,9 +132,24 @@ class EarlyExitHead(nn.Module):
         self.reset_context_vocab()
 
     # ---- projection ---------------------------------------------------------------------------
-    def lm_weight(self) -> torch.Tensor:
-        """(R, C) rows of the frozen tied LM head that this head scores."""
+    def frozen_lm_weight(self) -> torch.Tensor:
+        """(V, C) the target's frozen LM head in this head's dtype and device.
+
+        Drafting heads share the target's dtype, so this is the target's own tensor; a head that
+        trains in fp32 on a bf16 target gets one fp32 copy, made on first use and kept.
+        """
         weight = self._lm_weight.detach()
+        dtype, device = self.norm.weight.dtype, self.norm.weight.device
+        if weight.dtype == dtype and weight.device == device:
+            return weight
+        key = (weight.data_ptr(), dtype, device)
+        if getattr(self, "_cast_key", None) != key:
+            self._cast_weight, self._cast_key = weight.to(device, dtype), key
+        return self._cast_weight
+
+    def lm_weight(self) -> torch.Tensor:
+        """(R, C) rows of the frozen tied LM head that this head scores, in the head's dtype."""
+        weight = self.frozen_lm_weight()
         if self.vocab_ids is None:
             return weight
         key = (self.vocab_ids.data_ptr(), self.vocab_ids.numel(), weight.device, weight.dtype)
@@ -171,7 +186,7 @@ class EarlyExitHead(nn.Module):
         new = [t for t in dict.fromkeys(int(t) for t in token_ids) if t not in known and 0 <= t < self.full_vocab_size]
         if not new:
             return
-        weight = self._lm_weight.detach()
+        weight = self.frozen_lm_weight()
         rows = weight[torch.tensor(new, device=weight.device)]
         self._extra_weight = rows if self._extra_weight is None else torch.cat([self._extra_weight, rows])
         self._extra_ids += new
@@ -285,6 +300,15 @@ class EarlyExitHead(nn.Module):
         head._load_tensors(tensors, path)
         parameter = next(model.parameters())
         return head.to(parameter.device, parameter.dtype).eval()
+
+    def drafting_copy(self, target_model) -> "EarlyExitHead":
+        """A copy of this head as `from_pretrained` would load it after saving: fp16-rounded
+        weights in the target's device and dtype (for measuring the draft step after training)."""
+        model = _hf_model(target_model)
+        copy_ = type(self)(model, self.exit_layer, self.num_layers, self.vocab_ids, self.metadata)
+        copy_._load_tensors({k: v for k, v in self.state_to_save().items() if k != "vocab_ids"}, Path("(in memory)"))
+        parameter = next(model.parameters())
+        return copy_.to(parameter.device, parameter.dtype).eval()
 
     def _load_tensors(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
         layers = {k[len("layers."):]: v for k, v in tensors.items() if k.startswith("layers.")}

@@ -37,6 +37,10 @@ class Controller:
 class Drafter:
     """Proposes draft tokens cheaply, and the distribution q each was sampled from."""
 
+    def before_prefill(self, target: "TargetModel", prompt_ids: list[int]) -> None:
+        """Called on the reset target before it prefills the prompt: the place for
+        `target.enable_split(N)`, so the prefill keeps the prompt's states at layer N."""
+
     def begin(self, target: "TargetModel", prompt_ids: list[int], sampler: "Sampler") -> None:
         """Called after the target has prefilled the prompt."""
 
@@ -62,3 +66,8 @@ class Verifier:
     ) -> "Verdict":
         """draft_tokens (K,), q (K, V) or None (one-hot), p (K+1, V) -> Verdict."""
         raise NotImplementedError
+
+
+def is_lossless(verifier) -> bool:
+    """Whether a verifier keeps the target's output (its `lossless`, True when it does not say)."""
+    return bool(getattr(verifier, "lossless", True))

@@ -142,3 +142,21 @@ def load_model(path: str | os.PathLike | None = None, device="auto", dtype="auto
     except (ValueError, OSError, KeyError) as exc:
         raise ModelLoadError(f"could not load a causal LM from {str(directory)!r}: {exc}") from None
     return model.to(device).eval(), tokenizer
+
+
+def context_length(config) -> int | None:
+    """The model's context in tokens (`max_position_embeddings`), None when its config has none."""
+    value = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def eos_token_ids(tokenizer, model) -> set[int]:
+    """Every token that ends a generation: the tokenizer's EOS and the generation config's."""
+    ids: set[int] = set()
+    for value in (getattr(tokenizer, "eos_token_id", None),
+                  getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids

@@ -11,6 +11,7 @@ import collections.abc
 import importlib
 import math
 import os
+import re
 import types
 import typing
 from importlib import metadata
@@ -157,7 +158,27 @@ class PluginRegistry:
                 f"bad options for {kind} {name!r} (plugin {part.plugin!r}) with {shown}: {type(exc).__name__}: {exc}; "
                 f"see `specframe plugins` and the part's documentation for its options"
             ) from exc
+        bind = getattr(instance, "use_registry", None)
+        if callable(bind):  # a part that builds parts by name (hybrid) finds them here too
+            bind(self)
         return instance
+
+
+def parse_part(text: str, kind: str, where: str = "") -> tuple[str, dict[str, str]]:
+    """A part written NAME[:key=value,...] (a bench method's parts, hybrid's fallback) -> (name,
+    options as strings). `where` ends the error messages, e.g. " in method 'a+b'"."""
+    name, colon, rest = text.partition(":")
+    if not re.fullmatch(r"[A-Za-z_][\w.-]*", name.strip()):
+        raise ConfigError(f"{kind} name {name!r}{where} is not a name; write NAME[:key=value,...]")
+    options: dict[str, str] = {}
+    for item in filter(None, (i.strip() for i in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise ConfigError(f"option {item!r} of {kind} {name!r}{where} must be key=value")
+        options[key.strip()] = value.strip()
+    if colon and not options:
+        raise ConfigError(f"{kind} {name!r}{where} has ':' but no key=value options")
+    return name.strip(), options
 
 
 def coerce_options(part: PartInfo, options: dict) -> dict:

@@ -19,6 +19,9 @@ import inspect
 import torch
 from transformers import DynamicCache
 
+from attrs import field, frozen
+
+from .checks import is_int
 from .errors import PluginContractError, SpecframeError
 
 _LAYERED_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
@@ -104,10 +107,38 @@ def causal_mask(T: int, start: int, device) -> torch.Tensor | None:
     return (key_pos[None, :] <= query_pos)[None, None]
 
 
+@frozen
+class SplitView:
+    """What `TargetModel.enable_split(N)` hands a drafter: the target's layers [0, N), shared.
+
+    Tokens run through `lower` are cached in those layers and their states kept, so the
+    verification pass that follows runs only layers N..L-1 for them (EESD's shared trunk).
+    """
+
+    _target: "TargetModel" = field(repr=False)  # not for drafters: they use the methods below
+    layer: int  # N: the split layer
+
+    def lower(self, ids: torch.Tensor) -> torch.Tensor:
+        """Run (T,) tokens that follow everything cached through layers [0, N); return (T, C)."""
+        return self._target._lower(ids)
+
+    def hidden(self, start: int, end: int) -> torch.Tensor:
+        """(end - start, C) states after layer N of tokens at positions [start, end) already run.
+
+        Covers the prompt (from the prefill), the drafted tokens and those verification added.
+        """
+        return self._target._split_states(start, end)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The target's own final norm and LM head on (T, C) states -> (T, V)."""
+        return self._target.logits(hidden)
+
+
 class TargetModel:
     """A Hugging Face causal LM with a KV cache that the engine owns and rolls back.
 
-    `length` is the number of tokens whose keys and values are cached in every layer.
+    `length` is the number of tokens whose keys and values are cached in every layer. What
+    drafters may use is documented in docs/plugins.md ("The target a drafter sees").
     """
 
     def __init__(self, model, layered: bool | None = None):
@@ -128,19 +159,29 @@ class TargetModel:
     def reset(self) -> None:
         self.cache = KVCache() if self.layered else DynamicCache(config=self.config)
         self.length = 0
+        self.ids: list[int] = []  # the cached tokens (length of them)
         self.lower_ids: list[int] = []  # tokens already run through the lower layers only
         self.split_hidden: torch.Tensor | None = None  # (S, C) hidden states at the split layer
+        self.split_from = 0  # states at the split are stored for positions split_from..
 
-    def enable_split(self, layer: int) -> None:
-        """Let a drafter run layers [0, layer) ahead of verification (needs the layered path)."""
+    def enable_split(self, layer: int) -> SplitView:
+        """Let a drafter run layers [0, layer) ahead of verification (needs the layered path).
+
+        Best called from `Drafter.before_prefill`, so the prefill keeps the prompt's states at the
+        split; called later, the states of tokens cached before are computed when first asked for.
+        """
         if not self.layered:
             raise SpecframeError(
                 f"{type(self.model).__name__} is not a Llama-style decoder, so its layers cannot be "
                 "split for early exit; use a drafter such as 'ngram' or 'draft_model' instead"
             )
-        if not 0 < layer < self.num_layers:
-            raise SpecframeError(f"exit layer must be in [1, {self.num_layers - 1}], got {layer}")
-        self.split_layer = layer
+        if not is_int(layer) or not 0 < layer < self.num_layers:
+            raise SpecframeError(f"exit layer must be in [1, {self.num_layers - 1}], got {layer!r}")
+        if layer != self.split_layer:
+            if self.lower_ids:
+                raise PluginContractError("target", "the split cannot move while lowered tokens await verification")
+            self.split_layer, self.split_from = layer, self.length
+        return SplitView(self, layer)
 
     # ---- forward passes ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -158,16 +199,20 @@ class TargetModel:
             if ids[:pending].tolist() != self.lower_ids:
                 raise PluginContractError("target", "verified tokens must extend the drafted lower-layer prefix")
             ids = ids[pending:]
-        hidden = self.lower(ids) if self.split_layer else self._embed_run(ids, 0, self.num_layers)
         if self.split_layer:
-            hidden = torch.cat([self.split_hidden[self.length : self.length + pending], hidden])
+            lowered = self._lower(ids) if len(ids) else self.split_hidden[:0]  # all drafted: none new
+            hidden = torch.cat([self.split_hidden[self.length : self.length + pending], lowered])
             hidden = self._run_layers(hidden, self.split_layer, self.num_layers, self.length)
-        self.lower_ids = []
+            self.ids += self.lower_ids
+            self.lower_ids = []
+        else:
+            hidden = self._embed_run(ids, 0, self.num_layers)
+            self.ids += ids.tolist()
         self.length += hidden.shape[0]
         return self.logits(hidden[-logits_to_keep:])
 
     @torch.inference_mode()
-    def lower(self, ids: torch.Tensor) -> torch.Tensor:
+    def _lower(self, ids: torch.Tensor) -> torch.Tensor:
         """Run (T,) tokens through layers [0, split); return their (T, C) hidden states."""
         start = self.length + len(self.lower_ids)
         hidden = self._embed_run(ids, 0, self.split_layer, start)
@@ -175,8 +220,15 @@ class TargetModel:
         self.lower_ids.extend(ids.tolist())
         return hidden
 
-    def hidden_at_split(self, start: int, end: int) -> torch.Tensor:
-        """(end - start, C) split-layer hidden states of tokens already run through the lower layers."""
+    @torch.inference_mode()
+    def _split_states(self, start: int, end: int) -> torch.Tensor:
+        if not 0 <= start <= end <= self.length + len(self.lower_ids):
+            raise PluginContractError("target", "split states exist only for tokens already run",
+                                      f"asked for [{start}, {end}) with {self.length} cached")
+        if start < self.split_from:  # cached before the split was enabled: run layers [0, N) aside
+            ids = torch.tensor(self.ids[: self.split_from])
+            self._store_split_hidden(self._embed_run(ids, 0, self.split_layer, 0, KVCache()), 0)
+            self.split_from = 0
         return self.split_hidden[start:end]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -195,13 +247,16 @@ class TargetModel:
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.model.norm(hidden)
 
-    def _embed_run(self, ids: torch.Tensor, first: int, last: int, start: int | None = None) -> torch.Tensor:
+    def _embed_run(self, ids: torch.Tensor, first: int, last: int, start: int | None = None,
+                   cache: KVCache | None = None) -> torch.Tensor:
         start = self.length if start is None else start
         hidden = self.model.model.embed_tokens(ids.to(self.device)[None])[0]  # (T, C)
-        return self._run_layers(hidden, first, last, start)
+        return self._run_layers(hidden, first, last, start, cache)
 
-    def _run_layers(self, hidden: torch.Tensor, first: int, last: int, start: int) -> torch.Tensor:
-        """Run (T, C) hidden states at positions start.. through layers [first, last)."""
+    def _run_layers(self, hidden: torch.Tensor, first: int, last: int, start: int,
+                    cache: KVCache | None = None) -> torch.Tensor:
+        """Run (T, C) hidden states at positions start.. through layers [first, last), caching
+        their keys and values in `cache` (default: the target's own)."""
         T = hidden.shape[0]
         inner = self.model.model
         position_ids = torch.arange(start, start + T, device=self.device)[None]
@@ -209,7 +264,7 @@ class TargetModel:
         rope = inner.rotary_emb(x, position_ids=position_ids)
         mask = causal_mask(T, start, self.device)
         for layer in inner.layers[first:last]:
-            x = layer(x, attention_mask=mask, position_ids=position_ids, cache=self.cache,
+            x = layer(x, attention_mask=mask, position_ids=position_ids, cache=self.cache if cache is None else cache,
                       use_cache=True, position_embeddings=rope)
         return x[0]
 
@@ -227,6 +282,7 @@ class TargetModel:
         keep = {"logits_to_keep": logits_to_keep} if self._takes_logits_to_keep else {}
         out = self.model(input_ids=ids.to(self.device)[None], cache=self.cache, use_cache=True, **keep)
         self.length += ids.shape[0]
+        self.ids += ids.tolist()
         return out.logits[0, -logits_to_keep:]
 
     # ---- rollback ----------------------------------------------------------------------------
@@ -237,6 +293,8 @@ class TargetModel:
         )
         self.lower_ids = self.lower_ids[: max(0, length - self.length)]
         self.length = min(self.length, length)
+        self.ids = self.ids[: self.length]
+        self.split_from = min(self.split_from, length)
         if self.layered:
             self.cache.rewind(length, range(self.num_layers))
             return

@@ -82,7 +82,8 @@ def test_parse_hugging_face_methods():
     assert parse_method("hf-early-exit") == MethodSpec("hf-early-exit:4", "hf-early-exit", hf_param=4)
     assert parse_method("hf-prompt-lookup:7").hf_param == 7
     assert parse_method("hf-assisted").kind == "hf-assisted"
-    assert parse_method("specframe") == MethodSpec("specframe", "specframe")
+    assert parse_method("none") == MethodSpec("none", "engine")  # plain decoding has one name
+    assert parse_method("specframe") == parse_method("none")  # the old spelling is still read
 
 
 def test_parse_specframe_methods_canonical_labels(registry):
@@ -196,7 +197,7 @@ def test_summary_speedup_is_mean_of_per_prompt_ratios_and_counts_mismatches():
 
 
 # ---- end to end -------------------------------------------------------------------------------
-METHODS = "hf,hf-early-exit:2,hf-prompt-lookup:3,specframe,ngram+heuristic,self_exit:layer=2+fixed:k=2"
+METHODS = "hf,hf-early-exit:2,hf-prompt-lookup:3,none,ngram+heuristic,self_exit:layer=2+fixed:k=2"
 
 
 def test_bench_end_to_end_is_lossless_and_writes_reports(model_dir, dataset, tmp_path):
@@ -211,7 +212,7 @@ def test_bench_end_to_end_is_lossless_and_writes_reports(model_dir, dataset, tmp
     for label, method in summary["methods"].items():
         assert method["mismatches"] in (None, 0), (label, method["mismatch_examples"])
     assert summary["methods"]["hf"]["mean_accepted_length"] == 1.0  # one token per forward pass
-    assert summary["methods"]["specframe"]["mean_accepted_length"] == 1.0  # the prefill pass counts too
+    assert summary["methods"]["none"]["mean_accepted_length"] == 1.0  # the prefill pass counts too
     assert summary["methods"]["hf-early-exit:2"]["mean_accepted_length"] >= 1.0  # drafting passes not counted
     spec = summary["methods"]["ngram+heuristic"]
     assert spec["mean_accepted_length"] >= 1.0 and spec["position_accepts"]
@@ -233,9 +234,9 @@ def bench_plots_available() -> bool:
 
 def test_results_exist_needs_resume_or_overwrite(model_dir, dataset, tmp_path):
     out = tmp_path / "out"
-    assert run_bench(model_dir, dataset, out, "--limit", 1, "--methods", "hf,specframe", "--no-plots") == 0
+    assert run_bench(model_dir, dataset, out, "--limit", 1, "--methods", "hf,none", "--no-plots") == 0
     with pytest.raises(ConfigError, match="--resume"):
-        run_bench(model_dir, dataset, out, "--limit", 1, "--methods", "hf,specframe")
+        run_bench(model_dir, dataset, out, "--limit", 1, "--methods", "hf,none")
     with pytest.raises(ConfigError, match="max_new_tokens"):
         bench.run(bench_args("--model", model_dir, "--device", "cpu", "--dataset", dataset, "--max-new-tokens", 9,
                              "--out", out, "--no-progress", "--limit", 1, "--methods", "hf", "--resume"))
@@ -249,15 +250,15 @@ def test_results_exist_needs_resume_or_overwrite(model_dir, dataset, tmp_path):
 def test_report_only_summarises_without_loading_a_model(model_dir, dataset, tmp_path, monkeypatch):
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match="holds no results"):
-        run_bench(model_dir, dataset, out, "--limit", 2, "--methods", "hf,specframe", "--report-only")
-    assert run_bench(model_dir, dataset, out, "--limit", 2, "--methods", "hf,specframe", "--no-plots") == 0
+        run_bench(model_dir, dataset, out, "--limit", 2, "--methods", "hf,none", "--report-only")
+    assert run_bench(model_dir, dataset, out, "--limit", 2, "--methods", "hf,none", "--no-plots") == 0
     (out / "summary.md").unlink()
     monkeypatch.setattr(bench, "_load_models", lambda args: pytest.fail("--report-only loaded a model"))
-    assert run_bench(model_dir, dataset, out, "--limit", 2, "--methods", "hf,specframe", "--report-only",
+    assert run_bench(model_dir, dataset, out, "--limit", 2, "--methods", "hf,none", "--report-only",
                      "--no-plots") == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["methods"]["specframe"]["generations"] == 2
-    assert "specframe" in (out / "summary.md").read_text()
+    assert summary["methods"]["none"]["generations"] == 2
+    assert "none" in (out / "summary.md").read_text()
 
 
 def test_interrupt_keeps_finished_records_and_resume_completes(model_dir, dataset, tmp_path, monkeypatch):
@@ -329,12 +330,12 @@ def test_losslessness_check_counts_a_broken_engine(model_dir, dataset, tmp_path,
 
     monkeypatch.setattr(bench.SpecframeRunner, "generate", broken_generate)
     out = tmp_path / "out"
-    assert run_bench(model_dir, dataset, out, "--limit", 6, "--no-plots", "--methods", "hf,specframe,ngram+fixed") == 0
+    assert run_bench(model_dir, dataset, out, "--limit", 6, "--no-plots", "--methods", "hf,none,ngram+fixed") == 0
     summary = json.loads((out / "summary.json").read_text())
     odd = sum(r["prompt_tokens"] % 2 for r in read_results(out) if r["method"] == "hf")
     assert 0 < odd < 6
     assert summary["methods"]["ngram+fixed"]["mismatches"] == odd
-    assert summary["methods"]["specframe"]["mismatches"] == 0
+    assert summary["methods"]["none"]["mismatches"] == 0
     examples = summary["methods"]["ngram+fixed"]["mismatch_examples"]
     assert all(e["first_difference"] == 7 for e in examples)  # the last of 8 new tokens
 
@@ -370,8 +371,8 @@ def test_cli_subcommand(model_dir, dataset, tmp_path, capsys):
 
     out = tmp_path / "out"
     code = main(["bench", "--model", str(model_dir), "--device", "cpu", "--dataset", str(dataset), "--limit", "1",
-                 "--max-new-tokens", "4", "--methods", "specframe", "--out", str(out), "--no-progress", "--no-plots"])
+                 "--max-new-tokens", "4", "--methods", "none", "--out", str(out), "--no-progress", "--no-plots"])
     assert code == 0 and "## Overall" in capsys.readouterr().out
-    assert json.loads((out / "run.json").read_text())["methods"] == ["hf", "specframe"]  # baseline added
+    assert json.loads((out / "run.json").read_text())["methods"] == ["hf", "none"]  # baseline added
     assert main(["bench", "--dataset", str(dataset), "--methods", "ngram", "--out", str(out)]) == 2
     assert "names one part" in capsys.readouterr().err

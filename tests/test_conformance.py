@@ -39,7 +39,7 @@ def drafter_options(name: str, tmp_path) -> dict:
         head = EarlyExitHead(testing.tiny_llama(seed=FAST.seed), exit_layer=2)
         return {"head": str(head.save_pretrained(tmp_path / "head.safetensors"))}
     if name == "hybrid":
-        return {"fallback": "self_exit", "fallback_options": "layer=2"}
+        return {"fallback": "self_exit:layer=2"}
     return {}
 
 

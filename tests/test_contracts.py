@@ -45,6 +45,12 @@ class OracleDrafter(Drafter):
     rounds: int = field(default=0, init=False)
     target: object = field(default=None, init=False, repr=False)
 
+    def before_prefill(self, target, prompt_ids) -> None:
+        if self.fault == "before_prefill_raises":
+            raise RuntimeError("before_prefill exploded")
+        if self.fault == "before_prefill_forward":
+            target.forward(torch.tensor(prompt_ids))  # the prefill is the engine's job
+
     def begin(self, target, prompt_ids, sampler) -> None:
         self.target, self.rounds = target, 0
         if self.fault == "begin_raises":
@@ -80,7 +86,7 @@ def _with_q(draft: Draft, q) -> Draft:
 
 
 def _lower_other_tokens(draft, V, max_tokens, target):
-    target.lower(torch.tensor([(int(t) + 1) % V for t in draft.tokens]))  # runs layers 1..N on other tokens
+    target.enable_split(2).lower(torch.tensor([(int(t) + 1) % V for t in draft.tokens]))  # layers 1..N, other tokens
     return draft
 
 
@@ -237,6 +243,8 @@ CASES = (
         ("full_forward", "must not run the target's full forward pass"),
         ("lower_mismatch", "extend the drafted lower-layer prefix"),
         ("begin_raises", "begin() must not raise"), ("rollback_raises", "rollback() must not raise"),
+        ("before_prefill_raises", "before_prefill() must not raise"),
+        ("before_prefill_forward", "before_prefill() must not run the target's forward pass"),
     ]]
     + [("controller", f, r, {}) for f, r in [
         ("negative", "max_draft() returns an int in [0, 1024]"), ("float", "max_draft() returns an int"),
@@ -343,7 +351,7 @@ def test_a_setup_error_in_begin_is_not_swallowed_by_fallback(tiny_model, stub_to
 
 def test_plain_decoding_never_calls_the_verifier(tiny_model, stub_tokenizer, faulty_registry, reference):
     """With no drafter, a broken verifier cannot matter: there is nothing for it to verify."""
-    decoder = SpeculativeDecoder(tiny_model, stub_tokenizer, drafter=None, controller="faulty_controller",
+    decoder = SpeculativeDecoder(tiny_model, stub_tokenizer, drafter="none", controller="faulty_controller",
                                  verifier="faulty_verifier", verifier_options={"fault": "raises", "at": 0},
                                  registry=faulty_registry)
     assert decoder.generate(PROMPT, max_new_tokens=MAX_NEW).tokens == reference

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from specframe import SpeculativeDecoder
-from specframe.train import DistillSet, default_args, evaluate, train_head
+from specframe.training.dataset import DistillSet
+from specframe.training.head import HeadTraining, evaluate, reduced_vocabulary, train_head
+from specframe.training.shards import ShardSettings, teacher_forced_shard
 
 from .conftest import tiny_llama
 from .test_lossless_sampling import EXACT_LENGTH, PROMPT
@@ -30,15 +32,13 @@ def greedy_sequences(model, count: int, prompt_length: int, new_tokens: int, see
 def train_tiny_head(model, layer: int = EXIT_LAYER, steps_epochs: int = 24, reduced_vocab: int = 0):
     """A head trained by self-distillation on the model's own greedy outputs, in a few seconds."""
     sequences = greedy_sequences(model, 96, 6, 24)
-    data = DistillSet.from_model(model, sequences, layer, prompt_lengths=[6] * len(sequences), top_k=16)
-    args = default_args(layer=layer, epochs=steps_epochs, lr=3e-3, tokens_per_batch=512, eval_points=0,
-                        loss="kl+ce")
-    vocab_ids = None
-    if reduced_vocab:
-        from specframe.train import reduced_vocabulary
-
-        vocab_ids = reduced_vocabulary([data], reduced_vocab, [], model.config.vocab_size)
-    head, _, vocab_map = train_head(model, data, None, args, vocab_ids, lambda message: None)
+    settings = ShardSettings(layers=[layer], max_prompt_tokens=6, batch_size=len(sequences), top_k=16, order_seed=0,
+                             max_answer_tokens=24)
+    shard = teacher_forced_shard(model, sequences, [6] * len(sequences), settings)
+    data = DistillSet.from_shards([shard], layer)
+    config = HeadTraining(layer=layer, epochs=steps_epochs, lr=3e-3, tokens_per_batch=512, eval_points=0, loss="kl+ce")
+    vocab_ids = reduced_vocabulary([data], reduced_vocab, [], model.config.vocab_size) if reduced_vocab else None
+    head, _, vocab_map = train_head(model, data, None, config, vocab_ids)
     return head, data, vocab_map
 
 
@@ -139,13 +139,14 @@ def test_default_model_greedy_equality_with_the_shipped_head(default_model, cont
 def test_the_train_command_parses_and_records_every_option():
     import argparse
 
-    from specframe.train import add_arguments, canonical_command, run
+    from specframe.training.command import add_arguments, canonical_command, options_from, run
 
     parser = argparse.ArgumentParser(prog="specframe train")
     add_arguments(parser)
-    args = parser.parse_args(["early-exit", "--layer", "4", "--loss", "ce", "--store-layers", "2", "4"])
-    command = canonical_command(args)
+    args = parser.parse_args(["early-exit", "--layer", "4", "--loss", "ce", "--store-layers", "2", "4",
+                              "--dtype", "bf16"])
+    command = canonical_command(options_from(args))
     assert command.startswith("specframe train early-exit ")
     assert "--layer 4" in command and "--loss ce" in command and "--store-layers 2 4" in command
-    assert "--seed 0" in command and "--data-only" not in command
+    assert "--seed 0" in command and "--dtype bf16" in command and "--data-only" not in command
     assert run(parser.parse_args([])) == 2  # no kind given: a clear error, not a traceback

@@ -135,7 +135,7 @@ def test_the_target_as_its_own_drafter(tiny_model, stub_tokenizer, registry):
                                  drafter_options={"model": tiny_model}, registry=registry)
     result = decoder.generate(PROMPT, max_new_tokens=MAX_NEW, temperature=1.0, seed=0)
     assert result.stats.acceptance_rate > 0.9 and len(result.tokens) == MAX_NEW
-    plain = SpeculativeDecoder(tiny_model, stub_tokenizer, drafter=None, registry=registry)
+    plain = SpeculativeDecoder(tiny_model, stub_tokenizer, drafter="none", registry=registry)
     assert decoder.generate(PROMPT, max_new_tokens=MAX_NEW).tokens == plain.generate(PROMPT, max_new_tokens=MAX_NEW).tokens
 
 

@@ -102,14 +102,14 @@ def test_bad_model_tokenizer_and_registry(tiny_model, stub_tokenizer, registry):
     bert = BertLMHeadModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                       intermediate_size=32))
     with pytest.raises(ConfigError, match="encoder-only model \\(bert"):
-        SpeculativeDecoder(bert, stub_tokenizer, drafter=None, registry=registry)
+        SpeculativeDecoder(bert, stub_tokenizer, drafter="none", registry=registry)
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8))
     with pytest.raises(ConfigError, match="encoder-decoder model \\(t5\\)"):
-        SpeculativeDecoder(t5, stub_tokenizer, drafter=None, registry=registry)
+        SpeculativeDecoder(t5, stub_tokenizer, drafter="none", registry=registry)
     with pytest.raises(ConfigError, match="tokenizer must be a Hugging Face tokenizer"):
-        SpeculativeDecoder(tiny_model, 42, drafter=None, registry=registry)
+        SpeculativeDecoder(tiny_model, 42, drafter="none", registry=registry)
     with pytest.raises(ConfigError, match="registry must be"):
-        SpeculativeDecoder(tiny_model, stub_tokenizer, drafter=None, registry="builtin")
+        SpeculativeDecoder(tiny_model, stub_tokenizer, drafter="none", registry="builtin")
 
 
 def test_a_plugin_whose_factory_raises_anything_is_a_config_error(registry):
@@ -217,7 +217,7 @@ def test_good_prompt_forms_agree(decoder):
 
 
 def test_text_prompt_without_a_tokenizer(tiny_model, registry):
-    decoder = SpeculativeDecoder(tiny_model, None, drafter=None, registry=registry)
+    decoder = SpeculativeDecoder(tiny_model, None, drafter="none", registry=registry)
     with pytest.raises(ConfigError, match="no tokenizer, so the prompt must be a list of token ids"):
         decoder.generate("Hello", max_new_tokens=2)
     result = decoder.generate(PROMPT, max_new_tokens=2)
@@ -236,7 +236,7 @@ def test_truncate_keeps_the_end_of_the_prompt(decoder, tiny_model, stub_tokenize
 
 
 def test_chat_template_errors(tiny_model, stub_tokenizer, registry):
-    decoder = SpeculativeDecoder(tiny_model, stub_tokenizer, drafter=None, registry=registry)
+    decoder = SpeculativeDecoder(tiny_model, stub_tokenizer, drafter="none", registry=registry)
     with pytest.raises(ConfigError, match="this tokenizer has no chat template.*--no-chat"):
         decoder.encode("Hello", chat=True)
 
@@ -244,7 +244,7 @@ def test_chat_template_errors(tiny_model, stub_tokenizer, registry):
         def __call__(self, text, add_special_tokens=True):
             raise UnicodeEncodeError("utf-8", text, 0, 1, "surrogates not allowed")
 
-    decoder = SpeculativeDecoder(tiny_model, Exploding(), drafter=None, registry=registry)
+    decoder = SpeculativeDecoder(tiny_model, Exploding(), drafter="none", registry=registry)
     with pytest.raises(ConfigError, match="the tokenizer could not encode the prompt \\(UnicodeEncodeError"):
         decoder.encode("\ud800", chat=False)
 
@@ -257,7 +257,7 @@ def test_model_path_that_is_not_a_causal_lm(tmp_path, registry):
     BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                intermediate_size=32)).save_pretrained(bert_dir)
     with pytest.raises(ModelLoadError, match="not usable: BertLMHeadModel is an encoder-only model"):
-        SpeculativeDecoder.from_pretrained(str(bert_dir), drafter=None, registry=registry)
+        SpeculativeDecoder.from_pretrained(str(bert_dir), drafter="none", registry=registry)
 
 
 @pytest.mark.parametrize("setup,match", [
@@ -273,25 +273,25 @@ def test_model_path_that_is_not_a_causal_lm(tmp_path, registry):
 ])
 def test_bad_model_directories(tmp_path, registry, setup, match):
     with pytest.raises(ModelLoadError, match=match):
-        SpeculativeDecoder.from_pretrained(str(setup(tmp_path)), drafter=None, registry=registry)
+        SpeculativeDecoder.from_pretrained(str(setup(tmp_path)), drafter="none", registry=registry)
 
 
 def test_bad_load_arguments(tiny_dir, registry):
     with pytest.raises(ConfigError, match="path must be a model directory"):
         SpeculativeDecoder.from_pretrained(123, registry=registry)
     with pytest.raises(ModelLoadError, match="unknown device 'tpu9'"):
-        SpeculativeDecoder.from_pretrained(str(tiny_dir), device="tpu9", drafter=None, registry=registry)
+        SpeculativeDecoder.from_pretrained(str(tiny_dir), device="tpu9", drafter="none", registry=registry)
     with pytest.raises(ModelLoadError, match="unknown dtype 'fp8'"):
-        SpeculativeDecoder.from_pretrained(str(tiny_dir), dtype="fp8", drafter=None, registry=registry)
+        SpeculativeDecoder.from_pretrained(str(tiny_dir), dtype="fp8", drafter="none", registry=registry)
     with pytest.raises(ConfigError, match="device must be a string"):
-        SpeculativeDecoder.from_pretrained(str(tiny_dir), device=0, drafter=None, registry=registry)
+        SpeculativeDecoder.from_pretrained(str(tiny_dir), device=0, drafter="none", registry=registry)
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match="no CUDA GPU is available; use --device cpu"):
-            SpeculativeDecoder.from_pretrained(str(tiny_dir), device="cuda", drafter=None, registry=registry)
+            SpeculativeDecoder.from_pretrained(str(tiny_dir), device="cuda", drafter="none", registry=registry)
 
 
 def test_tiny_directory_loads_and_its_template_is_used(tiny_dir, registry):
-    decoder = SpeculativeDecoder.from_pretrained(str(tiny_dir), drafter=None, registry=registry)
+    decoder = SpeculativeDecoder.from_pretrained(str(tiny_dir), drafter="none", registry=registry)
     chat, raw = decoder.encode("Hi"), decoder.encode("Hi", chat=False)
     assert len(chat) > len(raw) and decoder.generate("Hi", max_new_tokens=3).stats.new_tokens <= 3
 
@@ -311,7 +311,7 @@ def _early_exit(model, stub_tokenizer, registry, path, on_error="fail"):
 
 
 def test_a_good_head_works(tiny_model, stub_tokenizer, registry, head_path):
-    plain = SpeculativeDecoder(tiny_model, stub_tokenizer, drafter=None, registry=registry)
+    plain = SpeculativeDecoder(tiny_model, stub_tokenizer, drafter="none", registry=registry)
     result = _early_exit(tiny_model, stub_tokenizer, registry, head_path).generate(PROMPT, max_new_tokens=12)
     assert result.tokens == plain.generate(PROMPT, max_new_tokens=12).tokens and result.stats.rounds > 0
 
@@ -370,7 +370,7 @@ def test_draft_model_errors(tiny_model, stub_tokenizer, registry, tmp_path):
     with pytest.raises(ModelLoadError, match="is not a directory"):
         draft(str(tmp_path / "nowhere")).generate(PROMPT, max_new_tokens=4)
     same = draft(tiny_llama(vocab_size=64, num_layers=1, seed=3, init=0.3)).generate(PROMPT, max_new_tokens=8)
-    plain = SpeculativeDecoder(tiny_model, stub_tokenizer, drafter=None, registry=registry)
+    plain = SpeculativeDecoder(tiny_model, stub_tokenizer, drafter="none", registry=registry)
     assert same.tokens == plain.generate(PROMPT, max_new_tokens=8).tokens
 
 
@@ -382,35 +382,54 @@ def test_early_exit_layer_errors(tiny_model, stub_tokenizer, registry):
 
 
 # ---- specframe train from Python ---------------------------------------------------------------
-def test_train_default_args_with_an_unknown_option():
-    from specframe.train import default_args
+def test_training_options_with_an_unknown_option():
+    from specframe.training.options import training_options
 
     with pytest.raises(ConfigError, match="unknown training options 'epoch' \\(did you mean 'epochs'\\?\\)") as info:
-        default_args(epoch=3)
+        training_options(epoch=3)
     assert isinstance(info.value, TypeError)  # still what a bad keyword raises
-    assert default_args(epochs=3).epochs == 3
+    assert training_options(epochs=3).epochs == 3
+    with pytest.raises(ConfigError, match="'loss' must be in"):
+        training_options(loss="mse")
 
 
-def test_train_data_worker_failure_is_a_specframe_error(tmp_path):
+def test_train_data_worker_failure_says_what_failed_and_where(tmp_path):
     """A failure inside a spawned data worker reaches the user as a SpecframeError (the CLI prints
-    it as one line, exit 2) that says what to do, not as a bare RuntimeError traceback."""
-    from specframe.train import _run_workers
+    it as one line, exit 2) that names the exception, its message and where it was raised."""
+    from specframe.training.shards import ShardSettings
+    from specframe.training.workers import run_workers
 
     class Bar:
         def set_postfix(self, **kwargs): pass
         def update(self, n): pass
 
+    settings = ShardSettings(layers=[1], max_prompt_tokens=8, batch_size=1, top_k=4, order_seed=0, max_new_tokens=4)
     missing = tmp_path / "no_model_here"
-    with pytest.raises(SpecframeError, match="worker failed: ModelLoadError: model path .* is not a directory.*"
-                                             "--workers 1 to see the full traceback"):
-        _run_workers(str(missing), {}, tmp_path, [[(0, [])]], Bar())
+    with pytest.raises(SpecframeError, match="worker failed: ModelLoadError: model path .* is not a directory.* "
+                                             "\\(at models.py:\\d+ in load_model\\).*the same command resumes") as info:
+        run_workers(str(missing), settings, tmp_path, [[(0, [])]], Bar())
+    assert "--workers 1" not in str(info.value)
+
+
+def test_a_worker_failure_is_described_by_type_message_and_place():
+    from specframe.training.workers import describe_failure
+
+    def deep():
+        return [][5]
+
+    try:
+        deep()
+    except IndexError as exc:
+        text = describe_failure(exc)
+    assert text.startswith("IndexError: list index out of range (at test_errors.py:")
+    assert " in deep" in text
 
 
 def test_train_data_worker_that_dies_silently_is_reported_not_waited_for(tmp_path):
     """A worker killed without a word (e.g. by the OOM killer) must end the wait with a clear error."""
     import queue
 
-    from specframe.train import next_worker_message
+    from specframe.training.workers import next_worker_message
 
     class Worker:  # stands in for a multiprocessing.Process: only its exit code is read
         def __init__(self, exitcode):

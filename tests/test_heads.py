@@ -97,3 +97,19 @@ def test_full_vocab_logits_are_minus_inf_outside_the_subset(head, tiny_model):
     outside = torch.ones(tiny_model.config.vocab_size, dtype=torch.bool)
     outside[head.vocab_ids] = False
     assert torch.isinf(logits[:, outside]).all() and torch.isfinite(logits[:, ~outside]).all()
+
+
+@pytest.mark.parametrize("vocab_ids", [None, torch.tensor([0, 3, 5, 7, 11, 40])])
+def test_an_fp32_head_on_a_bf16_target_casts_the_frozen_lm_head_once(vocab_ids):
+    """The dtype policy of training: the target in bf16, the head trainable in fp32; the frozen LM
+    head is cast once to fp32 (not per step), and the drafting copy is back in the target's dtype."""
+    target = tiny_llama(init=0.3).to(torch.bfloat16)
+    head = EarlyExitHead(target, exit_layer=2, vocab_ids=vocab_ids).float()
+    hidden = torch.randn(2, 5, target.config.hidden_size)  # fp32 states, as DistillSet.collate gives
+    logits = head(hidden)
+    assert logits.dtype == torch.float32 and logits.shape[-1] == (64 if vocab_ids is None else 6)
+    assert head.frozen_lm_weight() is head.frozen_lm_weight()  # one copy, kept
+    assert target.get_output_embeddings().weight.dtype == torch.bfloat16  # the target is untouched
+    drafting = head.drafting_copy(target)
+    assert drafting.norm.weight.dtype == torch.bfloat16
+    assert drafting.frozen_lm_weight().data_ptr() == target.get_output_embeddings().weight.data_ptr()  # shared

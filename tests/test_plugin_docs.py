@@ -162,3 +162,44 @@ def test_the_guide_package_runs_with_specframe_run(installed_toy):
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
+
+
+# ---- the target a drafter sees: what the built-ins use is documented -----------------------------
+def _drafter_section() -> str:
+    guide = GUIDE.read_text()
+    return guide[guide.index("#### The target a drafter sees"):guide.index("#### A drafter that builds other drafters")]
+
+
+def _attributes_of(name: str) -> set[str]:
+    """Attributes the built-in drafters read from a variable called `name` (or `self.name`)."""
+    import ast
+
+    used = set()
+    for path in (ROOT / "drafters").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Attribute):
+                continue
+            owner = node.value
+            if isinstance(owner, ast.Attribute) and isinstance(owner.value, ast.Name) and owner.value.id == "self":
+                owner = ast.Name(id=owner.attr)
+            if isinstance(owner, ast.Name) and owner.id == name:
+                used.add(node.attr)
+    return used
+
+
+def test_builtin_drafters_use_only_the_documented_target():
+    section = _drafter_section()
+    used = _attributes_of("target")
+    assert {"enable_split", "layered", "model", "vocab_size"} <= used  # the scan sees the drafters' use
+    undocumented = {a for a in used if f"`{a}`" not in section and f"`{a}(" not in section}
+    assert not undocumented, f"drafters use TargetModel attributes docs/plugins.md does not document: {undocumented}"
+
+
+def test_every_split_view_method_is_documented_and_the_builtins_use_no_other():
+    from specframe.target import SplitView
+
+    section = _drafter_section()
+    public = {name for name in dir(SplitView) if not name.startswith("_")}
+    assert {"lower", "hidden", "logits", "layer"} <= public
+    assert all(f"`{name}" in section for name in public), public
+    assert _attributes_of("split") <= public

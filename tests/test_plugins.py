@@ -12,6 +12,7 @@ import pytest
 import attrs
 
 from specframe import ConfigError, PluginLoadError, UnknownComponentError
+from specframe.hookspecs import hookimpl
 from specframe.plugins import ENTRY_POINT_GROUP, PartInfo, PluginRegistry, coerce_options
 
 GOOD = '''
@@ -166,3 +167,40 @@ def test_sequence_options_are_read_from_comma_separated_strings():
         coerce_options(part, {"sizes": "1.5"})
     with pytest.raises(ConfigError, match="option 'pair' .* must be 2 values separated by commas, got '5'"):
         coerce_options(part, {"pair": "5"})
+
+
+# ---- parts that build parts: hybrid's fallback comes from the decoder's registry ------------------
+class _LocalOnlyPlugin:
+    """Registers a drafter that exists only in the registry it is given to."""
+
+    @staticmethod
+    @hookimpl
+    def register_drafters(register):
+        from specframe.drafters.ngram import NgramDrafter
+
+        register("local_only", NgramDrafter, "known to one registry only")
+
+
+def test_hybrid_finds_its_fallback_in_the_decoders_registry(tiny_model, stub_tokenizer):
+    from specframe import SpeculativeDecoder
+    from specframe.plugins import get_registry
+
+    assert "local_only" not in get_registry().names("drafter")
+    registry = PluginRegistry(autoload=False, extra_plugins=[_LocalOnlyPlugin])
+    decoder = SpeculativeDecoder(tiny_model, stub_tokenizer, drafter="hybrid", controller="fixed",
+                                 drafter_options={"fallback": "local_only:max_ngram=2,min_ngram=1"},
+                                 registry=registry)
+    plain = SpeculativeDecoder(tiny_model, stub_tokenizer, drafter="none", registry=registry)
+    prompt = [3, 4, 5, 6, 3, 4, 5]
+    result = decoder.generate(prompt, max_new_tokens=12)
+    assert result.tokens == plain.generate(prompt, max_new_tokens=12).tokens
+    assert decoder.parts.drafter.model_drafter.max_ngram == 2  # built with the fallback's options
+
+
+def test_hybrid_checks_its_fallback_when_built(registry):
+    with pytest.raises(UnknownComponentError, match="no_such_drafter"):
+        registry.create("drafter", "hybrid", {"fallback": "no_such_drafter"})
+    with pytest.raises(ConfigError, match="has no option 'nope'"):
+        registry.create("drafter", "hybrid", {"fallback": "ngram:nope=1"})
+    with pytest.raises(ConfigError, match="must be key=value"):
+        registry.create("drafter", "hybrid", {"fallback": "ngram:max_ngram"})

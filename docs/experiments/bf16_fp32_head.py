@@ -26,10 +26,10 @@ head32 = model.lm_head.weight.detach().float()
 def logits_fp32(self, hidden):  # norm in fp32 (RMSNorm keeps its input dtype), head in fp32
     return torch.nn.functional.linear(self.model.model.norm(hidden.float()), head32)
 TargetModel.logits = logits_fp32
-plain = SpeculativeDecoder(model, tok, drafter=None, controller="fixed")
+plain = SpeculativeDecoder(model, tok, drafter="none", controller="fixed")
 eesd = SpeculativeDecoder(model, tok, drafter="early_exit", controller="thompson_cost")
 n_eesd = n_hf = 0
-for p in load_prompts('../shared/data/spec_bench/question.jsonl', None, 13):
+for p in load_prompts('benchmarks/spec_bench/question.jsonl', None, 13):
     ids = plain.encode(p.text, None)
     t0 = time.perf_counter(); a = plain.generate(ids, max_new_tokens=128).tokens; t1 = time.perf_counter()
     b = eesd.generate(ids, max_new_tokens=128).tokens; t2 = time.perf_counter()

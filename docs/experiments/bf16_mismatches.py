@@ -19,8 +19,8 @@ recs = [json.loads(l) for l in open('docs/bench/spec-bench-bf16/results.jsonl') 
 by = {}
 for r in recs: by.setdefault(r['prompt_id'], {})[r['method']] = r
 model, tok = load_model(None, dtype="bf16")
-enc = SpeculativeDecoder(model, tok, drafter=None, controller="fixed", verifier="auto")
-prompts = {p.id: p for p in load_prompts('../shared/data/spec_bench/question.jsonl', None, 13)}
+enc = SpeculativeDecoder(model, tok, drafter="none", controller="fixed", verifier="auto")
+prompts = {p.id: p for p in load_prompts('benchmarks/spec_bench/question.jsonl', None, 13)}
 t = TargetModel(model)
 for pid, m in by.items():
     a, b = m['hf']['tokens'], m['early_exit+thompson_cost']['tokens']

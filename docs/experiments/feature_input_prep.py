@@ -15,11 +15,11 @@ import os, sys, time, torch, glob
 os.makedirs("/tmp/feat", exist_ok=True)
 torch.set_num_threads(2)
 from specframe.models import load_model
-from specframe.train import DistillSet
+from specframe.training.dataset import DistillSet
 model, tok = load_model(dtype="float32", device="cpu")
 for split in ["heldout-3b9c942371c0", "train-3b9c942371c0"]:
     paths = sorted(glob.glob(f"/root/.cache/specframe/distill/{split}/shard_*.safetensors"))
-    data = DistillSet(paths, 2)
+    data = DistillSet.from_shards(paths, 2)
     feats = torch.zeros(data.hidden.shape, dtype=torch.float16)
     started = time.time(); done = 0; maxdiff = 0
     with torch.inference_mode():

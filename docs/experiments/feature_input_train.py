@@ -14,16 +14,18 @@ import sys, time, math, glob, json, torch
 from torch import nn
 torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 2)
 from specframe.models import load_model
-from specframe.train import DistillSet, reduced_vocabulary, head_targets, distill_loss
+from specframe.training.dataset import DistillSet
+from specframe.training.head import distill_loss, head_targets, reduced_vocabulary
 from specframe.heads import EarlyExitHead
 MODE = sys.argv[1]  # base | feat
 D = 4
 model, tok = load_model(dtype="float32", device="cpu")
 def load(split):
     paths = sorted(glob.glob(f"/root/.cache/specframe/distill/{split}/shard_*.safetensors"))
-    data = DistillSet(paths, 2)
-    data.final = torch.load(f"/tmp/feat/{split}.final.pt")
+    data = DistillSet.from_shards(paths, 2)
+    FINAL[id(data)] = torch.load(f"/tmp/feat/{split}.final.pt")  # DistillSet is frozen: keep the feature beside it
     return data
+FINAL = {}
 train, held = load("train-3b9c942371c0"), load("heldout-3b9c942371c0")
 vocab_ids = reduced_vocabulary([train], 8192, [], model.config.vocab_size)
 vocab_map = torch.full((model.config.vocab_size,), -1, dtype=torch.long); vocab_map[vocab_ids] = torch.arange(len(vocab_ids))
@@ -43,7 +45,7 @@ def collate_g(data, indices, T, d_fixed=None, gen=None):
     B = len(indices); g = torch.zeros(B, T, C)
     for r, i in enumerate(indices):
         s, n = int(data.starts[i]), int(data.sizes[i])
-        f = data.final[s:s + n].float()
+        f = FINAL[id(data)][s:s + n].float()
         t = torch.arange(n)
         if d_fixed is None:
             L = int(torch.randint(1, D + 1, (1,), generator=gen)); off = int(torch.randint(0, L, (1,), generator=gen))

@@ -4,7 +4,7 @@ against PyTorch's default (MKL), for a target pass over t = 1, 2, 3, 4, 6, 8 new
 On this AMD CPU, MKL's fp32 GEMM costs nearly twice a matrix-vector product already at two
 rows (docs/benchmarks.md). oneDNN (`torch.ops.mkldnn._linear_pointwise` on a weight packed once
 by `_reorder_linear_weight`, the path inductor's freezing uses) reads each weight once for a
-few rows. Variants, each timed with `specframe.costs.measure` (context 300, 1 thread), in
+few rows. Variants, each timed with `specframe.timing.measure` (context 300, 1 thread), in
 interleaved rounds:
   - stock:   every linear through F.linear (MKL);
   - onednn:  every linear through oneDNN;
@@ -23,7 +23,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from specframe import costs
+from specframe import timing
 from specframe.models import load_model
 
 torch.set_num_threads(1)
@@ -61,7 +61,7 @@ def main(rounds: int) -> None:
             if name == "stock":
                 reference = logits
             diffs[name] = (logits - reference).abs().max().item()
-            ms = costs.measure(model, SIZES, 300, 5)["forward_ms"]
+            ms = timing.measure(model, SIZES, 300, 5)["forward_ms"]
             for t in SIZES:
                 times[name][t].append(ms[str(t)])
             print(f"round {r + 1}/{rounds} {name}: " + " ".join(f"{t}:{ms[str(t)]:.1f}" for t in SIZES), flush=True)
