@@ -26,7 +26,8 @@ from .toys import VOCAB_SIZE, TableLM
 # the enumeration small (it applies to p and q alike: every draw has at most 2 or 3 outcomes)
 DEFAULT_SAMPLINGS = (SamplingConfig(1.0, top_k=2), SamplingConfig(0.6, top_k=2),
                      SamplingConfig(1.6, top_k=3, top_p=0.7))
-FLOAT32_TOLERANCE = 1e-6  # float32 rows sum to 1 only within ~1e-7, so exact checks allow this
+FLOAT32_TOLERANCE = 5e-6  # float32 rows sum to 1 only within ~1e-7, and the engine's few-row kernels round
+# differently from the stock forward the reference uses (measured: 1.0e-6 on tests/test_early_exit.py)
 
 
 @frozen
