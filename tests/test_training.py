@@ -56,11 +56,12 @@ def specframe(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
-def train_and_compare(tiny_llama_dir, tmp_path, capsys) -> dict:
-    """Train a head with the CLI, then check greedy `run` with it against plain `run`; the head's metadata."""
+def train_and_compare(tiny_llama_dir, tmp_path, capsys, *extra) -> dict:
+    """Train a head with the CLI (`extra` flags added), then check greedy `run` with it against
+    plain `run`; the head's metadata."""
     head = tmp_path / "tiny-head.safetensors"
     code, _, err = specframe(capsys, "train", "early-exit", "--model", tiny_llama_dir, "--output", head,
-                             "--layer", "2", *TINY_DATA)
+                             "--layer", "2", *TINY_DATA, *extra)
     assert code == 0, err
     accepted = 0
     for prompt in PROMPTS:
