@@ -141,3 +141,17 @@ def test_impossible_layers_get_clear_errors():
         EarlyExitOptions(layer=3, head_layers=2).for_model(4, "fp32")
     with pytest.raises(ConfigError, match=r"--layer 3 is not among --store-layers \[1, 2\]"):
         EarlyExitOptions(layer=3, store_layers=[1, 2]).for_model(4, "fp32")
+
+
+def test_train_an_eagle_head_for_a_tiny_llama_and_decode_losslessly_with_it(tiny_llama_dir, tmp_path, capsys,
+                                                                              monkeypatch, private_cache):
+    """`--head-kind eagle`: the data store the last-layer feature, the file records the kind."""
+    from specframe.heads import read_head_file
+
+    monkeypatch.setenv("SPECFRAME_ASSUME_BF16", "0")
+    metadata = train_and_compare(tiny_llama_dir, tmp_path, capsys, "--head-kind", "eagle")
+    assert metadata["head_kind"] == "eagle" and metadata["data"]["settings"]["final"] is True
+    assert "--head-kind eagle" in metadata["training_command"] and "--store-final" in metadata["training_command"]
+    assert metadata["acceptance"]["heldout_second_draft_top1"] is not None
+    header, _ = read_head_file(tmp_path / "tiny-head.safetensors", tensors=False)
+    assert header["kind"] == "eagle"
