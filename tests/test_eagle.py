@@ -84,6 +84,40 @@ def test_cached_drafting_matches_teacher_forcing(tiny_model, tiny_eagle):
     assert head.exact_length == 9
 
 
+class _KeepDrafting:
+    def keep_drafting(self, drafted: int, confidence: float) -> bool:
+        return True
+
+
+def test_the_drafter_reads_the_true_feature_first_and_its_own_prediction_next(tiny_model, tiny_eagle):
+    """q of a round's two drafts equals the teacher-forced head on the full model's own states:
+    the first reads f of the last verified position, the second the head's predicted f^."""
+    from drafters.early_exit import EarlyExitDrafter
+    from specframe.sampling import Sampler
+    from specframe.training.dataset import previous_positions
+    from specframe.types import SamplingConfig
+
+    head = tiny_eagle[0]
+    prompt, pending = [5, 9, 2, 33, 5, 9], 17
+    target = TargetModel(tiny_model)
+    drafter = EarlyExitDrafter(head=head)
+    drafter.before_prefill(target, prompt)
+    target.forward(torch.tensor(prompt), logits_to_keep=1)
+    sampler = Sampler(SamplingConfig(1.0, seed=0))
+    drafter.begin(target, prompt, sampler)
+    draft = drafter.propose([*prompt, pending], 2, _KeepDrafting(), sampler)
+    tokens = [*prompt, pending, *draft.tokens.tolist()]
+    with torch.no_grad():
+        states = tiny_model(torch.tensor([tokens]), output_hidden_states=True).hidden_states
+        hidden, previous = states[EXIT_LAYER][:, :-1], previous_positions(states[-1][:, :-1])  # (1, P + 2, C)
+        P = len(prompt)
+        first, predicted = head(hidden[:, : P + 1], previous[:, : P + 1])
+        previous[0, P + 1] = predicted[0, P]  # the second draft reads the head's own feature
+        second, _ = head(hidden, previous)
+    torch.testing.assert_close(draft.q[0], torch.softmax(first[0, P], -1), atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(draft.q[1], torch.softmax(second[0, P + 1], -1), atol=1e-4, rtol=1e-3)
+
+
 def test_training_raises_first_and_second_draft_agreement(tiny_model, tiny_eagle):
     head, data, vocab_map = tiny_eagle
     trained = evaluate(head, data, vocab_map, torch.device("cpu"))
