@@ -244,7 +244,7 @@ class FewRowKernels:
         self.path = "oneDNN LM head" if packed is not None else "PyTorch"
         self._routes = [(head, packed)] if packed is not None else []
 
-    def __enter__(self) -> FewRowLinears:
+    def __enter__(self) -> "FewRowKernels":
         self._depth += 1
         if self._depth == 1:
             for module, forward in self._routes:
