@@ -10,6 +10,11 @@ layer + norm + the frozen tied LM head, see `specframe.heads`) keeps its own KV 
 for the prompt from the split-layer states, extended with every drafted token, rolled back with
 the target's, and caught up from the target's stored split-layer states for tokens that
 verification lowered itself (the bonus or correction token).
+
+An eagle head (`specframe.eagle_head`, chosen by the head file) also reads the target's
+last-layer feature of the previous position: the split then keeps those of verified tokens
+(`SplitView.final_hidden`); the first draft of a round reads the true one, later drafts the
+head's own prediction, and positions drafted from a prediction are recomputed once verified.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from attrs import define, field, validators as v
 
 from specframe.errors import SpecframeError
+from specframe.eagle_head import EagleHead
 from specframe.heads import EarlyExitHead
 from specframe.interfaces import Drafter
 from specframe.types import Draft
@@ -37,6 +43,8 @@ class EarlyExitDrafter(Drafter):
     model: object = field(default=None, init=False, repr=False)  # the head (an EarlyExitHead)
     _loaded_for: int | None = field(default=None, init=False, repr=False)
     _vocab_seen: int = field(default=0, init=False, repr=False)  # context tokens already in the head's vocab
+    _feature: object = field(default=None, init=False, repr=False)  # eagle: (1, C) feature for the next draft
+    _feature_is_true: bool = field(default=False, init=False, repr=False)  # the target's own, not predicted
 
     def before_prefill(self, target, prompt_ids) -> None:
         """Split the target at the head's layer, so the prefill keeps the prompt's states there."""
@@ -44,7 +52,12 @@ class EarlyExitDrafter(Drafter):
             raise SpecframeError(f"{type(target.model).__name__} is not a Llama-style decoder, so the early_exit "
                                  "drafter cannot split it; use a drafter such as 'ngram' or 'draft_model'")
         self._load(target)
-        self.split = target.enable_split(self.model.exit_layer)
+        self.split = target.enable_split(self.model.exit_layer, final=self.reads_final)
+
+    @property
+    def reads_final(self) -> bool:
+        """Whether the head also reads the target's last-layer features (an eagle head)."""
+        return isinstance(self.model, EagleHead)
 
     def begin(self, target, prompt_ids, sampler) -> None:
         self.before_prefill(target, prompt_ids)  # idempotent; a wrapper may not have called it
@@ -52,21 +65,44 @@ class EarlyExitDrafter(Drafter):
         self.model.reset_context_vocab()
         self._vocab_seen = 0
         if prompt_ids:
-            self.model.extend(self.split.hidden(0, len(prompt_ids)), logits=False)
+            self._catch_up(len(prompt_ids))
+
+    def _catch_up(self, committed: int) -> None:
+        """Run the head over verified positions it has not seen (or saw only with predicted features)."""
+        start = self.model.length
+        if self.reads_final:
+            self.model.rollback(self.model.exact_length)
+            start = self.model.length
+            if start < committed:
+                self.model.extend_with(self.split.hidden(start, committed), self._previous(start, committed), exact=True)
+            self._feature, self._feature_is_true = self._previous(committed, committed + 1), True
+        elif start < committed:
+            self.model.extend(self.split.hidden(start, committed), logits=False)
+
+    def _previous(self, start: int, end: int) -> torch.Tensor:
+        """(end - start, C) the target's last-layer features of positions [start - 1, end - 1); zeros before 0."""
+        features = self.split.final_hidden(max(0, start - 1), end - 1)
+        if start == 0:
+            features = torch.cat([features.new_zeros(1, features.shape[1]), features])
+        return features
 
     def propose(self, context, max_tokens, controller, sampler) -> Draft:
         committed = len(context) - 1  # context[-1] is pending: not yet run through the model
         if self.context_vocab and self._vocab_seen < len(context):
             self.model.add_context_vocab(context[self._vocab_seen :])
             self._vocab_seen = len(context)
-        if self.model.length < committed:  # tokens that verification lowered (bonus/correction)
-            self.model.extend(self.split.hidden(self.model.length, committed), logits=False)
+        self._catch_up(committed)  # tokens that verification lowered (bonus/correction)
         return draft_with(self._step, context[-1], max_tokens, controller, sampler)
 
     @torch.inference_mode()
     def _step(self, token: int) -> torch.Tensor:
         hidden = self.split.lower(torch.tensor([token]))  # (1, C) after layer N
-        logits = self.model.extend(hidden)  # (1, R)
+        if self.reads_final:  # the first draft reads the true feature, later ones the predicted one
+            exact = self._feature_is_true
+            logits, self._feature = self.model.extend_with(hidden, self._feature, exact=exact)  # (1, R), (1, C)
+            self._feature_is_true = False
+        else:
+            logits = self.model.extend(hidden)  # (1, R)
         return self.model.to_full_vocab(logits)[0].float()  # (V,), -inf outside a reduced vocabulary
 
     def rollback(self, valid_length: int) -> None:

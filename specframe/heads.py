@@ -160,7 +160,10 @@ class EarlyExitHead(nn.Module):
 
     def project(self, x: torch.Tensor, extra: bool = False) -> torch.Tensor:
         """(..., C) layer output -> (..., R) logits, or (..., R + E) with the context tokens."""
-        x = self.norm(x)
+        return self.score(self.norm(x), extra)
+
+    def score(self, x: torch.Tensor, extra: bool = False) -> torch.Tensor:
+        """(..., C) normed features -> (..., R) logits, or (..., R + E) with the context tokens."""
         logits = torch.nn.functional.linear(x, self.lm_weight())
         if extra and self._extra_weight is not None:
             logits = torch.cat([logits, torch.nn.functional.linear(x, self._extra_weight)], -1)
@@ -234,6 +237,11 @@ class EarlyExitHead(nn.Module):
     @torch.inference_mode()
     def extend(self, hidden: torch.Tensor, logits: bool = True) -> torch.Tensor | None:
         """Run (T, C) states at positions length.. through the head; (T, R) logits if asked."""
+        x = self.run_cached(hidden)
+        return self.project(x, extra=True) if logits else None
+
+    def run_cached(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(T, C) inputs at positions length.. through the head's layers and KV cache -> (T, C)."""
         T = hidden.shape[0]
         position_ids = torch.arange(self.length, self.length + T, device=hidden.device)[None]
         x = hidden[None]  # (1, T, C)
@@ -243,7 +251,7 @@ class EarlyExitHead(nn.Module):
             x = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=rope,
                       cache=self.cache, use_cache=True)
         self.length += T
-        return self.project(x[0], extra=True) if logits else None
+        return x[0]
 
     def rollback(self, length: int) -> None:
         """Forget every cached position from `length` on."""
@@ -266,7 +274,7 @@ class EarlyExitHead(nn.Module):
         path = _head_file(path, must_exist=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.metadata.update(metadata)
-        header = {"format": FORMAT_VERSION, "exit_layer": self.exit_layer, "num_layers": self.num_layers,
+        header = {"format": FORMAT_VERSION, **self.kind_header(), "exit_layer": self.exit_layer, "num_layers": self.num_layers,
                   "reduced_vocab": None if self.vocab_ids is None else int(self.vocab_ids.numel()),
                   "fingerprint": self.fingerprint, **self.metadata}
         partial = path.with_name(path.name + ".partial")
@@ -275,15 +283,21 @@ class EarlyExitHead(nn.Module):
         path.chmod(0o644)  # package data: readable by everyone
         return path
 
+    def kind_header(self) -> dict:
+        """What the file says about the head's kind: nothing for this kind (files before kinds existed)."""
+        return {}
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, target_model) -> "EarlyExitHead":
-        """Load a saved head for `target_model` (an HF model or a TargetModel).
+        """Load a saved head for `target_model` (an HF model or a TargetModel), of the kind its
+        file records (`EarlyExitHead`, or `EagleHead` for kind "eagle").
 
         Raises HeadFileError for a missing or corrupt file, ModelMismatchError for a head that
         was trained for another model.
         """
         path = _head_file(path, must_exist=True)
         header, tensors = read_head_file(path)
+        cls = head_class(header.get("kind", "early_exit"), path)
         model = _hf_model(target_model)
         problem = fingerprint_mismatch(header["fingerprint"], model_fingerprint(model))
         if problem:
@@ -295,7 +309,8 @@ class EarlyExitHead(nn.Module):
                 f"--model PATH`, or drop the head= option to use the shipped head with the default model."
             )
         vocab_ids = tensors.pop("vocab_ids", None)
-        metadata = {k: v for k, v in header.items() if k not in ("format", "exit_layer", "num_layers", "reduced_vocab", "fingerprint")}
+        metadata = {k: v for k, v in header.items()
+                    if k not in ("format", "kind", "exit_layer", "num_layers", "reduced_vocab", "fingerprint")}
         head = cls(model, int(header["exit_layer"]), int(header.get("num_layers", 1)), vocab_ids, metadata)
         head._load_tensors(tensors, path)
         parameter = next(model.parameters())
@@ -318,6 +333,18 @@ class EarlyExitHead(nn.Module):
             self.norm.load_state_dict(norm, strict=True)
         except RuntimeError as exc:
             raise HeadFileError(f"{str(path)!r} does not hold the weights this head needs: {exc}") from None
+
+
+def head_class(kind: str, path: Path) -> type:
+    """The head class of a kind recorded in a head file."""
+    if kind == "early_exit":
+        return EarlyExitHead
+    if kind == "eagle":
+        from .eagle_head import EagleHead
+
+        return EagleHead
+    raise HeadFileError(f"{str(path)!r} holds a head of kind {kind!r}, which this specframe does not know "
+                        "(it knows 'early_exit' and 'eagle'); upgrade specframe")
 
 
 def _head_file(path: str | os.PathLike, must_exist: bool) -> Path:

@@ -112,6 +112,11 @@ class SplitView:
         """The target's own final norm and LM head on (T, C) states -> (T, V)."""
         return self._target.logits(hidden)
 
+    def final_hidden(self, start: int, end: int) -> torch.Tensor:
+        """(end - start, C) last-layer features (after the final norm: what the LM head reads) of
+        verified tokens at positions [start, end); only for a split enabled with `final=True`."""
+        return self._target._final_states(start, end)
+
 
 class TargetModel:
     """A Hugging Face causal LM with a KV cache that the engine owns and rolls back.
@@ -143,12 +148,16 @@ class TargetModel:
         self.lower_ids: list[int] = []  # tokens already run through the lower layers only
         self.split_hidden: torch.Tensor | None = None  # (S, C) hidden states at the split layer
         self.split_from = 0  # states at the split are stored for positions split_from..
+        self.final_hidden: torch.Tensor | None = None  # (S, C) last-layer features, kept if a split asks
+        self.final_from: int | None = None  # None: not kept; else kept for positions final_from..
 
-    def enable_split(self, layer: int) -> SplitView:
+    def enable_split(self, layer: int, final: bool = False) -> SplitView:
         """Let a drafter run layers [0, layer) ahead of verification (needs the layered path).
 
         Best called from `Drafter.before_prefill`, so the prefill keeps the prompt's states at the
         split; called later, the states of tokens cached before are computed when first asked for.
+        `final=True` also keeps the last-layer features of verified tokens (`SplitView.final_hidden`);
+        without it, passes keep nothing more.
         """
         if not self.layered:
             raise SpecframeError(
@@ -161,6 +170,8 @@ class TargetModel:
             if self.lower_ids:
                 raise PluginContractError("target", "the split cannot move while lowered tokens await verification")
             self.split_layer, self.split_from = layer, self.length
+        if final and self.final_from is None:
+            self.final_from = self.length
         return SplitView(self, layer)
 
     # ---- forward passes ----------------------------------------------------------------------
@@ -183,6 +194,8 @@ class TargetModel:
             lowered = self._lower(ids) if len(ids) else self.split_hidden[:0]  # all drafted: none new
             hidden = torch.cat([self.split_hidden[self.length : self.length + pending], lowered])
             hidden = self._run_layers(hidden, self.split_layer, self.num_layers, self.length)
+            if self.final_from is not None:
+                self.final_hidden = _stored(self.final_hidden, self.final_norm(hidden), self.length)
             self.ids += self.lower_ids
             self.lower_ids = []
         else:
@@ -210,6 +223,20 @@ class TargetModel:
             self._store_split_hidden(self._embed_run(ids, 0, self.split_layer, 0, KVCache()), 0)
             self.split_from = 0
         return self.split_hidden[start:end]
+
+    @torch.inference_mode()
+    def _final_states(self, start: int, end: int) -> torch.Tensor:
+        if self.final_from is None:
+            raise PluginContractError("target", "last-layer features are kept only for a split enabled with final=True")
+        if not 0 <= start <= end <= self.length:
+            raise PluginContractError("target", "last-layer features exist only for verified tokens",
+                                      f"asked for [{start}, {end}) with {self.length} verified")
+        if start < self.final_from:  # verified before they were kept: run the whole stack aside
+            ids = torch.tensor(self.ids[: self.final_from])
+            hidden = self._embed_run(ids, 0, self.num_layers, 0, KVCache())
+            self.final_hidden = _stored(self.final_hidden, self.final_norm(hidden), 0)
+            self.final_from = 0
+        return self.final_hidden[start:end]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head on (T, C) hidden states of the last layer -> (T, V)."""
@@ -242,14 +269,7 @@ class TargetModel:
         return x[0]
 
     def _store_split_hidden(self, hidden: torch.Tensor, start: int) -> None:
-        end = start + hidden.shape[0]
-        buffer = self.split_hidden
-        if buffer is None or buffer.shape[0] < end:
-            grown = hidden.new_empty(max(256, 2 * end), hidden.shape[1])
-            if buffer is not None:
-                grown[:start] = buffer[:start]
-            self.split_hidden = buffer = grown
-        buffer[start:end] = hidden
+        self.split_hidden = _stored(self.split_hidden, hidden, start)
 
     def _generic_forward(self, ids: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
         keep = {"logits_to_keep": logits_to_keep} if self._takes_logits_to_keep else {}
@@ -281,6 +301,18 @@ class TargetModel:
         if self.layered:
             return self.cache.length(self.num_layers - 1)
         return self.cache.get_seq_length()
+
+
+def _stored(buffer: torch.Tensor | None, rows: torch.Tensor, start: int) -> torch.Tensor:
+    """Write (T, C) rows at [start, start + T) of a growable (S, C) buffer; return the buffer."""
+    end = start + rows.shape[0]
+    if buffer is None or buffer.shape[0] < end:
+        grown = rows.new_empty(max(256, 2 * end), rows.shape[1])
+        if buffer is not None:
+            grown[:start] = buffer[:start]
+        buffer = grown
+    buffer[start:end] = rows
+    return buffer
 
 
 @contextlib.contextmanager

@@ -56,11 +56,12 @@ def specframe(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
-def train_and_compare(tiny_llama_dir, tmp_path, capsys) -> dict:
-    """Train a head with the CLI, then check greedy `run` with it against plain `run`; the head's metadata."""
+def train_and_compare(tiny_llama_dir, tmp_path, capsys, *extra) -> dict:
+    """Train a head with the CLI (`extra` flags added), then check greedy `run` with it against
+    plain `run`; the head's metadata."""
     head = tmp_path / "tiny-head.safetensors"
     code, _, err = specframe(capsys, "train", "early-exit", "--model", tiny_llama_dir, "--output", head,
-                             "--layer", "2", *TINY_DATA)
+                             "--layer", "2", *TINY_DATA, *extra)
     assert code == 0, err
     accepted = 0
     for prompt in PROMPTS:
@@ -140,3 +141,17 @@ def test_impossible_layers_get_clear_errors():
         EarlyExitOptions(layer=3, head_layers=2).for_model(4, "fp32")
     with pytest.raises(ConfigError, match=r"--layer 3 is not among --store-layers \[1, 2\]"):
         EarlyExitOptions(layer=3, store_layers=[1, 2]).for_model(4, "fp32")
+
+
+def test_train_an_eagle_head_for_a_tiny_llama_and_decode_losslessly_with_it(tiny_llama_dir, tmp_path, capsys,
+                                                                              monkeypatch, private_cache):
+    """`--head-kind eagle`: the data store the last-layer feature, the file records the kind."""
+    from specframe.heads import read_head_file
+
+    monkeypatch.setenv("SPECFRAME_ASSUME_BF16", "0")
+    metadata = train_and_compare(tiny_llama_dir, tmp_path, capsys, "--head-kind", "eagle")
+    assert metadata["head_kind"] == "eagle" and metadata["data"]["settings"]["final"] is True
+    assert "--head-kind eagle" in metadata["training_command"] and "--store-final" in metadata["training_command"]
+    assert metadata["acceptance"]["heldout_second_draft_top1"] is not None
+    header, _ = read_head_file(tmp_path / "tiny-head.safetensors", tensors=False)
+    assert header["kind"] == "eagle"

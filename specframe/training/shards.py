@@ -35,6 +35,7 @@ class ShardSettings:
     max_new_tokens: int | None = None  # generated answers: tokens the target generates
     max_answer_tokens: int | None = None  # recorded answers (teacher-forced): tokens kept
     dtype: str = "fp32"  # the target's dtype while recording
+    store_final: bool = False  # also store the last-layer feature (after the final norm), for eagle heads
 
     @property
     def teacher_forced(self) -> bool:
@@ -50,6 +51,8 @@ class ShardSettings:
             key["max_new_tokens"] = self.max_new_tokens
         if self.dtype != "fp32":
             key["dtype"] = self.dtype
+        if self.store_final:
+            key["final"] = True
         return key
 
 
@@ -165,7 +168,7 @@ def generate_shard(model, tokenizer, batch: list[list[int]], settings: ShardSett
     # per call: (B, T, C); concatenated along T -> positions 0..P+steps-2 of the padded sequences
     hidden = {name: torch.cat(calls, 1)[:, : P + steps - 1] for name, calls in recorder.calls.items()}
     with torch.inference_mode():
-        prompt_top = _top_k(model.lm_head(hidden.pop("final")[:, : P - 1]), settings.top_k)  # (B, P-1, K)
+        prompt_top = _top_k(model.lm_head(_final(hidden, settings)[:, : P - 1]), settings.top_k)  # (B, P-1, K)
         step_top = _top_k(torch.stack(out.logits, 1), settings.top_k)  # (B, steps, K): predictions at P-1..
     top_ids = torch.cat([prompt_top.indices, step_top.indices], 1)  # (B, P+steps-1, K)
     top_logprobs = torch.cat([prompt_top.values, step_top.values], 1)
@@ -190,7 +193,7 @@ def teacher_forced_shard(model, batch: list[list[int]], prompt_lengths: list[int
     finally:
         recorder.close()
     hidden = {name: calls[0] for name, calls in recorder.calls.items()}
-    final = hidden.pop("final")
+    final = _final(hidden, settings)
     B, T = input_ids.shape
     K = min(settings.top_k, model.get_output_embeddings().weight.shape[0])
     top_ids = torch.zeros((B, T - 1, K), dtype=torch.long)
@@ -203,11 +206,16 @@ def teacher_forced_shard(model, batch: list[list[int]], prompt_lengths: list[int
     return assemble_shard(input_ids, spans, hidden, top_ids, top_logprobs)
 
 
+def _final(hidden: dict, settings: ShardSettings):
+    """The final norm's output (B, T, C); it stays in `hidden` as `final` when the settings store it."""
+    return hidden["final"] if settings.store_final else hidden.pop("final")
+
+
 def assemble_shard(tokens, spans: list[tuple[int, int, int]], hidden: dict, top_ids, top_logprobs) -> dict:
     """Pack padded batch tensors into a shard: each row's tokens and its positions that predict one.
 
     tokens (B, T) padded ids; spans[row] = (first, last, prompt length): the row's tokens are
-    tokens[row, first:last]; hidden {"hidden_N": (B, T', C)}, top_ids/top_logprobs (B, T', K) with
+    tokens[row, first:last]; hidden {"hidden_N": (B, T', C)} and optionally {"final": (B, T', C)}, top_ids/top_logprobs (B, T', K) with
     position j predicting token j + 1. States are stored in their own dtype, fp32 narrowed to fp16.
     """
     import torch
