@@ -228,24 +228,32 @@ class TargetModel:
 
         Each token attends to the cache, its ancestors and itself, at position start + depth.
         Every scored token is cached until `keep_path` keeps the root and the accepted path.
+        A drafter may have run a chain at the head of the tree (the root and nodes 0, 1, ... each
+        the child of the one before) through the lower layers already; those are reused.
         """
         if not self.layered:
             raise SpecframeError(f"{type(self.model).__name__} is not a Llama-style decoder, so tree drafts "
                                  "cannot be verified; draft a chain instead")
-        if self.lower_ids:
-            raise PluginContractError("target", "a tree is verified only when no drafted tokens await verification",
-                                      f"{len(self.lower_ids)} tokens were run through the lower layers")
+        pending = len(self.lower_ids)
+        if pending and (ids[:pending].tolist() != self.lower_ids or tuple(parents[: pending - 1]) != tuple(
+                range(-1, pending - 2))):
+            raise PluginContractError("target", "the tokens run through the lower layers are the root and a "
+                                      "chain of the tree's first nodes", f"lowered {self.lower_ids}, parents {parents}")
         start = self.length
-        mask = tree_attention_mask(parents, start, self.device)
-        positions = tree_positions(parents, start, self.device)
-        hidden = self.model.model.embed_tokens(ids.to(self.device)[None])[0]  # (K+1, C)
+        mask = tree_attention_mask(parents, start, self.device)  # (1, 1, K+1, start+K+1)
+        positions = tree_positions(parents, start, self.device)  # (1, K+1)
+        hidden = self.model.model.embed_tokens(ids[pending:].to(self.device)[None])[0]  # (K+1-pending, C)
         first = 0
         if self.split_layer:  # keep the states at the split, as a chain pass does
-            hidden = self._run_layers(hidden, 0, self.split_layer, start, mask=mask, positions=positions)
-            self._store_split_hidden(hidden, start)
+            if pending < len(ids):
+                lowered = self._run_layers(hidden, 0, self.split_layer, start + pending, mask=mask[:, :, pending:],
+                                           positions=positions[:, pending:])
+                self._store_split_hidden(lowered, start + pending)
+            hidden = self.split_hidden[start : start + len(ids)]
             first = self.split_layer
         hidden = self._run_layers(hidden, first, self.num_layers, start, mask=mask, positions=positions)
         self.ids += ids.tolist()
+        self.lower_ids = []
         self.length += hidden.shape[0]
         self.tree_start = start
         return self.logits(hidden)

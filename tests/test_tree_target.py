@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specframe.errors import SpecframeError
+from specframe.errors import PluginContractError, SpecframeError
 from specframe.target import TargetModel
 from specframe.trees import chain_parents, path_to
 
@@ -86,3 +86,28 @@ def test_a_tree_needs_the_layered_path(tiny_model):
     target = TargetModel(tiny_model, layered=False)
     with pytest.raises(SpecframeError, match="not a Llama-style decoder"):
         target.forward_tree(torch.tensor([1, 2]), (-1,))
+
+
+@pytest.mark.parametrize("lowered", [1, 3, 7])
+def test_a_chain_the_drafter_lowered_at_the_head_of_the_tree_is_reused(tiny_model, lowered):
+    parents = (-1, 0, 1, -1, 0, 1)  # a chain of three, then an alternative at each depth
+    tokens = [ROOT_TOKEN, 20, 21, 22, 30, 31, 32]
+    whole, _, _ = _tree_target(tiny_model, parents, split=2)
+    whole.rollback(len(PROMPT))
+    expected = whole.forward_tree(torch.tensor(tokens), parents)
+    target = TargetModel(tiny_model)
+    view = target.enable_split(2)
+    target.forward(torch.tensor(PROMPT))
+    view.lower(torch.tensor(tokens[: min(lowered, 4)]))  # the root and the chain only
+    torch.testing.assert_close(target.forward_tree(torch.tensor(tokens), parents), expected, rtol=1e-4, atol=1e-4)
+    target.keep_path((0, 4))
+    assert target.ids == PROMPT + [ROOT_TOKEN, 20, 31]
+
+
+def test_lowered_tokens_that_are_not_the_trees_head_chain_are_a_contract_error(tiny_model):
+    target = TargetModel(tiny_model)
+    view = target.enable_split(2)
+    target.forward(torch.tensor(PROMPT))
+    view.lower(torch.tensor([ROOT_TOKEN, 20, 21]))
+    with pytest.raises(PluginContractError, match="chain of the tree's first nodes"):
+        target.forward_tree(torch.tensor([ROOT_TOKEN, 20, 21]), (-1, -1))
