@@ -72,3 +72,13 @@ def tree_attention_mask(parents, start: int, device) -> torch.Tensor:
 def tree_positions(parents, start: int, device) -> torch.Tensor:
     """(1, K+1) positions of the scored sequence: the root at `start`, each node at start + depth."""
     return torch.tensor([start, *(start + d for d in depths(parents))], device=device)[None]
+
+
+def without_replacement_rows(q_parent: torch.Tensor, sibling_tokens: list[int]) -> torch.Tensor:
+    """(m, V) the rows q_j for m siblings drawn one after another without replacement from
+    q_parent (V,): q_parent with the earlier siblings' tokens removed, renormalised."""
+    rows, remaining = [], q_parent.clone()
+    for token in sibling_tokens:
+        rows.append(remaining / remaining.sum())
+        remaining[token] = 0
+    return torch.stack(rows)

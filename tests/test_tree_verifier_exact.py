@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from specframe.sampling import probs_from_logits
-from specframe.trees import chain_parents, children, depths, path_to
+from specframe.trees import chain_parents, children, depths, path_to, without_replacement_rows
 from specframe.types import SamplingConfig
-from specframe.verifiers.tree import greedy_tree_step, tree_speculative_step, without_replacement_rows
+from specframe.verifiers.tree import greedy_tree_step, tree_speculative_step
 
 SHAPES = {
     "chain": chain_parents(2),

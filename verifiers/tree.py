@@ -69,13 +69,3 @@ def tree_speculative_step(parents, tokens: torch.Tensor, q: torch.Tensor | None,
             return TreeVerdict(tuple(path), sample(residual))
         path.append(accepted)
         node = accepted
-
-
-def without_replacement_rows(q_parent: torch.Tensor, sibling_tokens: list[int]) -> torch.Tensor:
-    """(m, V) the rows q_j for m siblings drawn one after another without replacement from
-    q_parent (V,): q_parent with the earlier siblings' tokens removed, renormalised."""
-    rows, remaining = [], q_parent.clone()
-    for token in sibling_tokens:
-        rows.append(remaining / remaining.sum())
-        remaining[token] = 0
-    return torch.stack(rows)

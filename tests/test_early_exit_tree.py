@@ -1,0 +1,94 @@
+"""early_exit drafting a tree (`--drafter-opt width=W`): greedy output equals plain decoding token
+for token in fp32, on a tiny Llama with a head trained in the test and on the default model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specframe import SpeculativeDecoder
+from specframe.errors import ConfigError
+
+from .test_early_exit import train_tiny_head
+
+
+@pytest.fixture(scope="module")
+def tiny_head_path(tmp_path_factory, tiny_model):
+    head, _, _ = train_tiny_head(tiny_model)
+    return str(head.save_pretrained(tmp_path_factory.mktemp("head") / "tiny.safetensors", training_command="test"))
+
+
+def _plain(model, prompt, max_new):
+    return model.generate(torch.tensor([prompt]), max_new_tokens=max_new, min_new_tokens=max_new,
+                          do_sample=False)[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("width, controller, k", [(2, "fixed", 6), (3, "fixed", 9), (2, "thompson", None),
+                                                  (4, "fixed", 2)])
+def test_greedy_tree_drafting_equals_plain_decoding(tiny_model, stub_tokenizer, registry, tiny_head_path,
+                                                    width, controller, k):
+    decoder = SpeculativeDecoder(tiny_model, stub_tokenizer, drafter="early_exit", controller=controller,
+                                 drafter_options={"head": tiny_head_path, "width": width}, registry=registry,
+                                 controller_options={"k": k} if k else None)
+    for prompt, max_new in (([5, 9, 2, 33, 5, 9], 40), ([1], 17), (list(range(3, 40)), 25)):
+        expected = _plain(tiny_model, prompt, max_new)
+        for _ in range(2):  # the second generation reuses the split set up by the first
+            result = decoder.generate(prompt, max_new_tokens=max_new)
+            assert result.tokens == expected, f"early_exit width={width} differs from plain greedy"
+        assert result.stats.accepted > 0
+
+
+def test_the_tree_accepts_at_least_what_the_chain_does(tiny_model, stub_tokenizer, registry, tiny_head_path):
+    """Same chain, more candidates: per round, the tree commits at least the chain's tokens."""
+    prompt, stats = [5, 9, 2, 33, 5, 9], {}
+    for width in (1, 3):
+        decoder = SpeculativeDecoder(tiny_model, stub_tokenizer, drafter="early_exit", controller="fixed",
+                                     drafter_options={"head": tiny_head_path, "width": width}, registry=registry,
+                                     controller_options={"k": 3 * width})
+        stats[width] = decoder.generate(prompt, max_new_tokens=40).stats
+    assert stats[3].rounds <= stats[1].rounds
+
+
+def test_greedy_tree_drafting_with_a_reduced_vocabulary(tiny_model, stub_tokenizer, registry, tmp_path):
+    head, _, _ = train_tiny_head(tiny_model, reduced_vocab=24)
+    path = str(head.save_pretrained(tmp_path / "reduced.safetensors"))
+    prompt = [5, 9, 2, 33, 5, 9]
+    decoder = SpeculativeDecoder(tiny_model, stub_tokenizer, drafter="early_exit", controller="fixed",
+                                 controller_options={"k": 8}, registry=registry,
+                                 drafter_options={"head": path, "width": 4})
+    assert decoder.generate(prompt, max_new_tokens=40).tokens == _plain(tiny_model, prompt, 40)
+
+
+def test_sampling_with_a_tree_keeps_the_caches_in_step(tiny_model, stub_tokenizer, registry, tiny_head_path):
+    decoder = SpeculativeDecoder(tiny_model, stub_tokenizer, drafter="early_exit", controller="fixed",
+                                 controller_options={"k": 6}, registry=registry,
+                                 drafter_options={"head": tiny_head_path, "width": 2})
+    result = decoder.generate([5, 9, 2, 33, 5, 9], max_new_tokens=40, temperature=0.8, seed=3)
+    assert len(result.tokens) == 40 and result.stats.accepted > 0
+
+
+@pytest.mark.parametrize("width", [0, 9, -1])
+def test_a_bad_width_is_a_config_error(stub_tokenizer, registry, tiny_model, width):
+    with pytest.raises(ConfigError, match="width"):
+        SpeculativeDecoder(tiny_model, stub_tokenizer, drafter="early_exit", drafter_options={"width": width},
+                           registry=registry)
+
+
+@pytest.fixture(scope="module")
+def default_model_fp32():
+    from specframe.models import load_model
+
+    return load_model(dtype="fp32")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("width, text", [(2, "Write a haiku about the sea."), (3, "Explain what a hash table is.")])
+def test_default_model_greedy_tree_equality_with_the_shipped_head(default_model_fp32, registry, width, text):
+    model, tokenizer = default_model_fp32
+    expected = SpeculativeDecoder(model, tokenizer, drafter=None, registry=registry).generate(
+        text, max_new_tokens=32).tokens
+    decoder = SpeculativeDecoder(model, tokenizer, drafter="early_exit", controller="fixed", registry=registry,
+                                 controller_options={"k": 3 * width}, drafter_options={"width": width})
+    result = decoder.generate(text, max_new_tokens=32)
+    assert result.tokens == expected
+    assert result.stats.accepted > 0
