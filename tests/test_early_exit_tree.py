@@ -92,3 +92,54 @@ def test_default_model_greedy_tree_equality_with_the_shipped_head(default_model_
     result = decoder.generate(text, max_new_tokens=32)
     assert result.tokens == expected
     assert result.stats.accepted > 0
+
+
+@pytest.mark.parametrize("width", [2])
+def test_sampling_with_a_tree_matches_the_exact_distribution(width):
+    """End to end on a 4-token toy Llama: seeded generations against the exactly enumerated
+    distribution. A smoke test of the wiring: 2000 samples do not see a drafter whose q rows
+    ignore the siblings drawn before (the bias is small here); the exact proof is the verifier's
+    enumeration (test_tree_verifier_exact.py) plus the row check below."""
+    from specframe.plugins import PluginRegistry
+    from specframe.types import SamplingConfig
+
+    from .conftest import tiny_llama
+    from .test_lossless_sampling import LENGTH, PROMPT, chi_square_p_value, exact_distribution
+
+    toy = tiny_llama(vocab_size=4, layers=2, hidden=16, seed=3, init=0.6)
+    head, _, _ = train_tiny_head(toy, layer=1, steps_epochs=2)
+    config, samples = SamplingConfig(temperature=1.0), 2000
+    decoder = SpeculativeDecoder(toy, None, drafter="early_exit", controller="fixed", verifier="speculative",
+                                 controller_options={"k": 2 * width}, drafter_options={"head": head, "width": width},
+                                 registry=PluginRegistry(autoload=False))
+    counts: dict[tuple, int] = {}
+    for seed in range(samples):
+        chunks = decoder.stream_tokens(PROMPT, max_new_tokens=LENGTH, temperature=1.0, seed=seed)
+        tokens = tuple(t for chunk in chunks for t in chunk)
+        counts[tokens] = counts.get(tokens, 0) + 1
+    assert chi_square_p_value(counts, exact_distribution(toy, config), samples) > 1e-3
+
+
+@pytest.mark.parametrize("width", [2, 3, 5])
+def test_tree_drafting_gives_each_node_the_q_it_was_drawn_from(width):
+    """The chain node's row is the drafter's q; each alternative's row is q without the siblings
+    drawn before it, renormalised (what the tree verifier is exact for)."""
+    from specframe.drafters.tree_drafting import draft_tree_with
+    from specframe.sampling import Sampler
+    from specframe.types import SamplingConfig
+
+    logits_of = {t: torch.randn(6, generator=torch.Generator().manual_seed(t)) for t in range(6)}
+    sampler = Sampler(SamplingConfig(temperature=0.9, seed=1))
+    keep = type("Keep", (), {"keep_drafting": lambda self, i, c: True})()
+    draft = draft_tree_with(lambda t: logits_of[t], 0, 3 * width, width, keep, sampler)
+    chain_length = 3
+    assert draft.parents[:chain_length] == (-1, 0, 1)
+    for node, parent in enumerate(draft.parents):
+        parent_token = 0 if parent == -1 else int(draft.tokens[parent])
+        q = sampler.probs(logits_of[parent_token][None])[0]
+        siblings = [n for n, p in enumerate(draft.parents) if p == parent]
+        earlier = siblings[: siblings.index(node)]
+        expected = q.clone()
+        expected[draft.tokens[earlier]] = 0
+        torch.testing.assert_close(draft.q[node], expected / expected.sum())
+    assert len(set(draft.tokens[[n for n, p in enumerate(draft.parents) if p == -1]].tolist())) == width
