@@ -6,14 +6,14 @@ from attrs import define, field, validators as v
 
 from specframe.interfaces import Controller
 
-MAX_DRAFT_CAP = 64  # no controller drafts more than this in one round
+BUILTIN_MAX_K = 64  # no built-in controller drafts more than this in one round (the engine accepts up to checks.CONTRACT_MAX_DRAFT)
 
 
 @define
 class FixedController(Controller):
     """Draft exactly k tokens every round."""
 
-    k: int = field(default=4, validator=[v.instance_of(int), v.ge(1), v.le(MAX_DRAFT_CAP)])
+    k: int = field(default=4, validator=[v.instance_of(int), v.ge(1), v.le(BUILTIN_MAX_K)])
 
     def max_draft(self) -> int:
         return self.k
@@ -24,8 +24,8 @@ class HeuristicController(Controller):
     """The schedule of transformers' assisted generation: k += 2 after a round where every draft
     was accepted, k -= 1 otherwise, never below 1 (nor above `max_k`)."""
 
-    k: int = field(default=5, validator=[v.instance_of(int), v.ge(1), v.le(MAX_DRAFT_CAP)])
-    max_k: int = field(default=16, validator=[v.instance_of(int), v.ge(1), v.le(MAX_DRAFT_CAP)])
+    k: int = field(default=5, validator=[v.instance_of(int), v.ge(1), v.le(BUILTIN_MAX_K)])
+    max_k: int = field(default=16, validator=[v.instance_of(int), v.ge(1), v.le(BUILTIN_MAX_K)])
     current: int = field(init=False, default=0)
 
     def begin(self) -> None:
@@ -47,7 +47,7 @@ class ConfidenceController(Controller):
     up to max_k tokens. Deterministic drafters report confidence 1.0."""
 
     threshold: float = field(default=0.4, converter=float, validator=[v.ge(0.0), v.le(1.0)])
-    max_k: int = field(default=8, validator=[v.instance_of(int), v.ge(1), v.le(MAX_DRAFT_CAP)])
+    max_k: int = field(default=8, validator=[v.instance_of(int), v.ge(1), v.le(BUILTIN_MAX_K)])
 
     def max_draft(self) -> int:
         return self.max_k

@@ -47,7 +47,7 @@ Choices the paper leaves open, made here (docs/controllers.md gives the full rea
 - The cap. `max_k = 8`. On a CPU in fp32 verifying 9 positions costs about twice a one-token
   forward, and the 9th draft adds only θ⁹ expected tokens (0.13 at θ = 0.8); with such costs the
   best fixed draft length exceeds 8 only for θ ≥ 0.95 (docs/controllers.md). At most
-  MAX_DRAFT_CAP (64).
+  BUILTIN_MAX_K (64).
 - At least one draft. Beta-TS and Calibration-TS always draft one token (the drafter asks the
   controller only after drafting), as in the paper; `thompson_cost` may choose 0 (a plain
   decoding round) when no draft length pays, which the engine supports.
@@ -67,7 +67,7 @@ from specframe.interfaces import Controller
 from specframe.types import RoundStats
 
 from .options import int_in, is_bool, number_in, one_of, parse_costs, positive_costs
-from .simple import MAX_DRAFT_CAP
+from .simple import BUILTIN_MAX_K
 
 DEFAULT_MAX_K = 8
 DEFAULT_DISCOUNT = 0.98
@@ -124,7 +124,7 @@ class ThompsonBase(Controller):
     """Options and state every Thompson controller shares. Subclasses say how many bins their
     posterior has (`_priors`) and which bin each judged draft updates (`_observations`)."""
 
-    max_k: int = field(default=DEFAULT_MAX_K, validator=int_in(1, MAX_DRAFT_CAP))  # cap per round
+    max_k: int = field(default=DEFAULT_MAX_K, validator=int_in(1, BUILTIN_MAX_K))  # cap per round
     discount: float = field(default=DEFAULT_DISCOUNT, validator=number_in(0.0, 1.0, low_open=True))
     persist: bool = field(default=True, validator=is_bool)  # keep the posterior across generations
     seed: int = field(default=0, validator=int_in(0, 2**63 - 1))  # seeds the controller's own RNG
@@ -276,7 +276,7 @@ class CostAwareThompsonController(ThompsonBase):
     and then it tries drafting anew. Engine time outside drafting and verifying is not counted.
     """
 
-    min_k: int = field(default=0, validator=int_in(0, MAX_DRAFT_CAP))
+    min_k: int = field(default=0, validator=int_in(0, BUILTIN_MAX_K))
     prior_alpha: float = field(default=1.0, validator=number_in(0.0, 1e6, low_open=True))
     prior_beta: float = field(default=1.0, validator=number_in(0.0, 1e6, low_open=True))
     draft_cost: float = field(default=NEUTRAL_DRAFT_COST, validator=number_in(0.0, 1e6))

@@ -254,11 +254,20 @@ def _check_resume(out: Path, config: dict) -> None:
 
 
 def _set_threads(threads: int | None) -> int:
-    """Set torch's CPU threads when asked; return the number in use (recorded in run.json)."""
+    """Set torch's CPU threads when asked; return the number in use (recorded in run.json).
+
+    specframe's methods then generate with the same number as HF `generate` (its own default is
+    one thread while generating, specframe.kernels.generation_threads), so the comparison is fair.
+    """
+    import os
+
     import torch
+
+    from .kernels import THREADS_ENV
 
     if threads:
         torch.set_num_threads(threads)
+    os.environ[THREADS_ENV] = str(torch.get_num_threads())
     return torch.get_num_threads()
 
 

@@ -7,7 +7,7 @@ The conformance kit (`specframe.testing`) runs the same checks. Shapes: K drafts
 
 from __future__ import annotations
 
-
+import numpy as np
 import torch
 
 from .errors import PluginContractError
@@ -15,15 +15,30 @@ from .trees import ROOT, path_to
 from .types import Draft, TreeVerdict, Verdict, is_int  # noqa: F401 - is_int is part of this module's checks
 
 Q_SUM_TOLERANCE = 1e-3
-MAX_DRAFT_LENGTH = 1024  # a controller asking for more drafts than this in one round is broken
+# The contract's bound on any controller's max_draft(): asking for more drafts in one round is a
+# broken controller. (The built-in controllers' own options stop far lower, at 64.)
+CONTRACT_MAX_DRAFT = 1024
+
+
+def check_max_draft(asked, plugin: str, part: str | None = None, limit: int = CONTRACT_MAX_DRAFT) -> int:
+    """A controller's max_draft() is an int in [0, limit]; returns it."""
+    if not is_int(asked) or not 0 <= asked <= limit:
+        raise PluginContractError(plugin, f"max_draft() returns an int in [0, {limit}]",
+                                  f"got {asked!r} ({type(asked).__name__})", part)
+    return int(asked)
 
 
 def clamp_draft_budget(asked, budget: int, plugin: str, part: str | None = None) -> int:
-    """A controller's max_draft must be an int in [0, MAX_DRAFT_LENGTH]; the engine caps it at `budget`."""
-    if not is_int(asked) or not 0 <= asked <= MAX_DRAFT_LENGTH:
-        raise PluginContractError(plugin, f"max_draft() returns an int in [0, {MAX_DRAFT_LENGTH}]",
-                                  f"got {asked!r} ({type(asked).__name__})", part)
-    return min(int(asked), budget)
+    """A controller's max_draft must be an int in [0, CONTRACT_MAX_DRAFT]; the engine caps it at `budget`."""
+    return min(check_max_draft(asked, plugin, part), budget)
+
+
+def check_keep_drafting(keep, plugin: str, part: str | None = None) -> bool:
+    """A controller's keep_drafting() returns a bool (Python's or NumPy's); returns it."""
+    if not isinstance(keep, (bool, np.bool_)):
+        raise PluginContractError(plugin, "keep_drafting() returns a bool", f"got {keep!r} ({type(keep).__name__})",
+                                  part)
+    return bool(keep)
 
 
 def check_draft(draft: Draft, budget: int, vocab_size: int, plugin: str, part: str | None = None) -> None:

@@ -17,6 +17,7 @@ from .checks import is_int
 from .engine import ON_ERROR_CHOICES, Parts, StatsRecorder, generate_tokens
 from .errors import ConfigError, ModelLoadError, SpecframeError
 from .interfaces import is_lossless
+from .kernels import generation_threads
 from .models import context_length, eos_token_ids
 from .plugins import PluginRegistry, get_registry
 from .prompts import encode_prompt, fit_context
@@ -127,7 +128,8 @@ class SpeculativeDecoder:
         ids = fit_context(self.encode(prompt, chat), max_new_tokens, context_length(self.target.config), truncate)
         sampler = Sampler(config, device=self.target.device)
         eos = eos_token_ids(self.tokenizer, self.target.model)
-        return (yield from generate_tokens(self.parts, ids, sampler, max_new_tokens, eos, self.on_error, recorder))
+        steps = generate_tokens(self.parts, ids, sampler, max_new_tokens, eos, self.on_error, recorder)
+        return (yield from generation_threads(steps, self.target.device))  # 1 CPU thread: docs/benchmarks.md
 
     def stream(self, prompt, **kwargs) -> Iterator[str]:
         """Yield text as it is committed. After the loop, `self.last_result` holds the result,

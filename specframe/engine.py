@@ -16,11 +16,10 @@ import time
 import warnings
 from collections.abc import Generator
 
-import numpy as np
 import torch
 from attrs import define, field
 
-from .checks import check_draft, check_tree_verdict, check_verdict, clamp_draft_budget
+from .checks import check_draft, check_keep_drafting, check_tree_verdict, check_verdict, clamp_draft_budget
 from .errors import PluginContractError, SpecframeError
 from .interfaces import Controller, Drafter, Verifier, is_lossless
 from .sampling import Sampler
@@ -339,10 +338,10 @@ class _GuardedController:
             keep = self._controller.keep_drafting(drafted, confidence)
         except Exception as exc:
             raise _ControllerFault(exc) from exc
-        if not isinstance(keep, (bool, np.bool_)):
-            raise _ControllerFault(PluginContractError(
-                self._plugin, "keep_drafting() returns a bool", f"got {keep!r} ({type(keep).__name__})", self._part))
-        return bool(keep)
+        try:
+            return check_keep_drafting(keep, self._plugin, self._part)
+        except PluginContractError as error:
+            raise _ControllerFault(error) from None
 
     def __getattr__(self, name: str):
         return getattr(self._controller, name)

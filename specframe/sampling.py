@@ -14,7 +14,8 @@ _SMALLEST_TEMPERATURE = torch.finfo(torch.float32).tiny  # below this T as a flo
 
 
 def probs_from_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
-    """(T, V) logits -> (T, V) float32 probabilities after temperature, top-k and top-p.
+    """(T, V) logits -> (T, V) probabilities after temperature, top-k and top-p: float32, or
+    float64 for float64 logits (the exact checks of `specframe.testing` use float64 toy models).
 
     At temperature 0 the result is one-hot on the argmax, so greedy decoding is the special case
     of sampling where every distribution is a point mass.
@@ -25,7 +26,7 @@ def probs_from_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Ten
     smallest normal float32, where T would round to 0 and 0/0 is NaN) takes the limit T -> 0:
     uniform over the tokens tied at the maximum, which is what larger tiny temperatures give.
     """
-    logits = logits.float()
+    logits = logits if logits.dtype == torch.float64 else logits.float()
     if config.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     peak = logits.amax(-1, keepdim=True)  # (T, 1)

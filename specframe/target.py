@@ -13,7 +13,6 @@ Shapes: T new tokens, S cached tokens, C hidden size, V vocabulary.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 
 import torch
@@ -23,6 +22,7 @@ from attrs import field, frozen
 
 from .checks import is_int
 from .errors import PluginContractError, SpecframeError
+from .kernels import TREE_MASK_FLAG, FewRowKernels
 from .trees import tree_attention_mask, tree_positions
 
 _LAYERED_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
@@ -86,27 +86,6 @@ def is_layered(model) -> bool:
     return inner is not None and hasattr(model, "lm_head") and all(hasattr(inner, p) for p in _LAYERED_PARTS)
 
 
-FEW_ROWS = 16  # verification passes up to this many tokens use the packed LM head (1 turns it off)
-
-
-def pack_for_few_rows(linear) -> torch.Tensor | None:
-    """oneDNN's packed copy of a CPU fp32 linear layer's weight, or None where that does not apply.
-
-    For a handful of rows, PyTorch's fp32 matmul on CPU (MKL) costs about as much per row as a
-    matrix-vector product: on the default model's LM head, 13 ms for one row and 32 ms for two
-    (docs/benchmarks.md). oneDNN's matmul on a weight packed once reads it once for all rows, so
-    a verification pass over a few tokens costs little more than a one-token pass. One-token
-    passes stay on the default path, which is faster for one row.
-    """
-    weight = linear.weight
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-    except (AttributeError, RuntimeError):  # a torch build without the op
-        return None
-
-
 def causal_mask(T: int, start: int, device) -> torch.Tensor | None:
     """(1, 1, T, start + T) bool mask: new token i sees cached tokens and new tokens <= i."""
     if T == 1:
@@ -162,6 +141,7 @@ class TargetModel:
         self.layered = is_layered(model) if layered is None else layered
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.split_layer: int | None = None  # layers [0, split) are "lower", shared with a drafter
+        self.kernels = FewRowKernels(model)  # passes over 1-16 tokens read each weight once
         self.reset()
 
     # ---- state -------------------------------------------------------------------------------
@@ -293,16 +273,8 @@ class TargetModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head on (T, C) hidden states of the last layer -> (T, V)."""
-        normed = self.final_norm(hidden)
-        head = self.model.lm_head
-        if 1 < normed.shape[0] <= FEW_ROWS and self._packed_head is not None:
-            return torch.ops.mkldnn._linear_pointwise(normed, self._packed_head, head.bias, "none", [], "")
-        return head(normed)
-
-    @functools.cached_property
-    def _packed_head(self) -> torch.Tensor | None:
-        """Built on the first pass over a few tokens, so plain decoding never holds the copy."""
-        return pack_for_few_rows(self.model.lm_head)
+        with self.kernels:
+            return self.model.lm_head(self.final_norm(hidden))
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.model.norm(hidden)
@@ -324,10 +296,13 @@ class TargetModel:
         position_ids = torch.arange(start, start + T, device=self.device)[None] if positions is None else positions
         x = hidden[None]  # (1, T, C)
         rope = inner.rotary_emb(x, position_ids=position_ids)
+        tree = {} if mask is None else {TREE_MASK_FLAG: True}  # the few-row attention must read this mask
         mask = causal_mask(T, start, self.device) if mask is None else mask
-        for layer in inner.layers[first:last]:
-            x = layer(x, attention_mask=mask, position_ids=position_ids, cache=self.cache if cache is None else cache,
-                      use_cache=True, position_embeddings=rope)
+        with self.kernels:
+            for layer in inner.layers[first:last]:
+                x = layer(x, attention_mask=mask, position_ids=position_ids,
+                          cache=self.cache if cache is None else cache, use_cache=True, position_embeddings=rope,
+                          **tree)
         return x[0]
 
     def _store_split_hidden(self, hidden: torch.Tensor, start: int) -> None:

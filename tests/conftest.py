@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 os.environ.setdefault("SPECFRAME_DISABLE_PLUGIN_AUTOLOAD", "1")  # tests opt in to entry points
 torch.set_num_threads(1)  # tiny models are dominated by thread overhead; also fair on shared cores
 
 from specframe.plugins import PluginRegistry  # noqa: E402
+from specframe.testing import tiny_llama as kit_tiny_llama  # noqa: E402
 
 
 class StubTokenizer:
@@ -24,15 +26,8 @@ class StubTokenizer:
         return " ".join(str(i) for i in ids)
 
 
-def tiny_llama(vocab_size=64, layers=4, seed=0, init=0.02, hidden=32) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=True, initializer_range=init, eos_token_id=None, bos_token_id=None,
-        pad_token_id=None,
-    )
-    return LlamaForCausalLM(config).eval()
+# the kit's tiny Llama with the suite's defaults: 64 tokens, 4 layers, unscaled logits, 512 positions
+tiny_llama = functools.partial(kit_tiny_llama, vocab_size=64, num_layers=4, logit_scale=1.0, max_positions=512)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from specframe.training.head import HeadTraining, evaluate, reduced_vocabulary, 
 from specframe.training.shards import ShardSettings, teacher_forced_shard
 
 from .conftest import tiny_llama
-from .test_lossless_sampling import LENGTH, PROMPT, chi_square_p_value, exact_distribution
+from .test_lossless_sampling import EXACT_LENGTH, PROMPT
 
 EXIT_LAYER = 2
 
@@ -94,33 +94,33 @@ def test_greedy_equality_with_a_reduced_vocabulary(tiny_model, stub_tokenizer, r
 def toy_head_path(tmp_path_factory):
     from .test_lossless_sampling import V  # noqa: F401  (the toy's vocabulary)
 
-    toy = tiny_llama(vocab_size=4, layers=2, hidden=16, seed=3, init=0.6)
+    toy = tiny_llama(vocab_size=4, num_layers=2, hidden_size=16, seed=3, init=0.6)
     head, _, _ = train_tiny_head(toy, layer=1, steps_epochs=2)
     return str(head.save_pretrained(tmp_path_factory.mktemp("toyhead") / "toy.safetensors"))
 
 
 @pytest.mark.parametrize("full_vocab", [True, False])
-def test_speculative_sampling_with_early_exit_matches_the_exact_distribution(toy_head_path, full_vocab, tmp_path):
+def test_speculative_sampling_with_early_exit_is_exactly_the_target_distribution(toy_head_path, full_vocab, tmp_path):
+    """Every draw enumerated through the engine (`specframe.testing.exact`): rounds of 2 drafts at
+    T = 0.8, top-k 2; q is float32, hence the tolerance."""
     from specframe.heads import EarlyExitHead
     from specframe.plugins import PluginRegistry
+    from specframe.testing import autoregressive_distribution, engine_distribution, largest_difference
+    from specframe.testing.common import FLOAT32_TOLERANCE
     from specframe.types import SamplingConfig
 
-    toy = tiny_llama(vocab_size=4, layers=2, hidden=16, seed=3, init=0.6)
+    toy = tiny_llama(vocab_size=4, num_layers=2, hidden_size=16, seed=3, init=0.6)
     path = toy_head_path
     if not full_vocab:  # q is zero outside a 3-token vocabulary: still exact
         head = EarlyExitHead.from_pretrained(toy_head_path, toy)
         head.vocab_ids = torch.tensor([0, 1, 3])
         path = str(head.save_pretrained(tmp_path / "reduced.safetensors"))
-    config, samples = SamplingConfig(temperature=1.0), 3000
-    decoder = SpeculativeDecoder(toy, None, drafter="early_exit", controller="fixed", verifier="speculative",
-                                 controller_options={"k": 2}, drafter_options={"head": path},
-                                 registry=PluginRegistry(autoload=False))
-    counts: dict[tuple, int] = {}
-    for seed in range(samples):
-        chunks = decoder.stream_tokens(PROMPT, max_new_tokens=LENGTH, temperature=1.0, seed=seed)
-        tokens = tuple(t for chunk in chunks for t in chunk)
-        counts[tokens] = counts.get(tokens, 0) + 1
-    assert chi_square_p_value(counts, exact_distribution(toy, config), samples) > 1e-3
+    registry, config = PluginRegistry(autoload=False), SamplingConfig(temperature=0.8, top_k=2)
+    parts = lambda: (registry.create("drafter", "early_exit", {"head": path}),  # noqa: E731
+                     registry.create("controller", "fixed", {"k": 3}), registry.create("verifier", "speculative", {}))
+    got = engine_distribution(toy, parts, PROMPT, EXACT_LENGTH, config)
+    expected = autoregressive_distribution(toy, PROMPT, EXACT_LENGTH, config)
+    assert largest_difference(got, expected)[0] <= FLOAT32_TOLERANCE
 
 
 @pytest.mark.slow

@@ -351,7 +351,7 @@ def test_a_head_for_another_model(stub_tokenizer, registry, head_path):
     with pytest.raises(ModelMismatchError, match="was trained for another model \\(the same architecture but "
                                                  "different weights.*specframe train early-exit"):
         _early_exit(other_weights, stub_tokenizer, registry, head_path).generate(PROMPT, max_new_tokens=4)
-    other_shape = tiny_llama(init=0.3, layers=6)
+    other_shape = tiny_llama(init=0.3, num_layers=6)
     with pytest.raises(ModelMismatchError, match="num_hidden_layers: head 4 vs model 6"):
         _early_exit(other_shape, stub_tokenizer, registry, head_path, "fallback").generate(PROMPT, max_new_tokens=4)
 
@@ -362,14 +362,14 @@ def test_draft_model_errors(tiny_model, stub_tokenizer, registry, tmp_path):
                                   drafter_options={"model": model}, on_error=on_error, registry=registry)
 
     with pytest.raises(ModelMismatchError, match="draft model vocabulary has 32 tokens but the target's has 64"):
-        draft(tiny_llama(vocab_size=32, layers=1)).generate(PROMPT, max_new_tokens=4)
+        draft(tiny_llama(vocab_size=32, num_layers=1)).generate(PROMPT, max_new_tokens=4)
     with pytest.raises(ModelMismatchError, match="same tokenizer"):
-        draft(tiny_llama(vocab_size=80, layers=1), "fallback").generate(PROMPT, max_new_tokens=4)
+        draft(tiny_llama(vocab_size=80, num_layers=1), "fallback").generate(PROMPT, max_new_tokens=4)
     with pytest.raises(ConfigError, match="draft_model needs a model: --drafter-opt model=PATH"):
         draft(None).generate(PROMPT, max_new_tokens=4)
     with pytest.raises(ModelLoadError, match="is not a directory"):
         draft(str(tmp_path / "nowhere")).generate(PROMPT, max_new_tokens=4)
-    same = draft(tiny_llama(vocab_size=64, layers=1, seed=3, init=0.3)).generate(PROMPT, max_new_tokens=8)
+    same = draft(tiny_llama(vocab_size=64, num_layers=1, seed=3, init=0.3)).generate(PROMPT, max_new_tokens=8)
     plain = SpeculativeDecoder(tiny_model, stub_tokenizer, drafter="none", registry=registry)
     assert same.tokens == plain.generate(PROMPT, max_new_tokens=8).tokens
 

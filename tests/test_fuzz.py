@@ -1,9 +1,13 @@
 """Fuzzing the Python API and the CLI argument parser with random and hostile values.
 
-The property: every call either succeeds, with lossless output (at temperature 0, exactly the
-tokens of plain decoding) and at most max_new_tokens tokens in the vocabulary, or raises a
-SpecframeError with a message (CLI: exit code 2 and `specframe: error: ...`, or argparse's usage
-error, also exit 2). Never another exception type, never a traceback.
+The property: every call either succeeds, with lossless output and at most max_new_tokens tokens
+in the vocabulary, or raises a SpecframeError with a message (CLI: exit code 2 and
+`specframe: error: ...`, or argparse's usage error, also exit 2). Never another exception type,
+never a traceback. A call whose every argument was drawn from the valid values must succeed: an
+error there is a broken built-in part, not a rejected input. Lossless: at temperature 0 exactly
+the tokens of plain decoding; above it, every token is one the target can produce under the same
+temperature, top-k and top-p (p > 0). (That sampled output follows p exactly is proved by
+enumeration in tests/test_exact_engine.py.)
 
 The examples are derandomised, so CI sees the same ones each run; set SPECFRAME_FUZZ_EXAMPLES to
 run more, and SPECFRAME_FUZZ_RANDOM=1 to draw new ones.
@@ -20,7 +24,11 @@ import warnings
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
+import torch
+
 from specframe import SpecframeError, SpeculativeDecoder, cli
+from specframe.sampling import probs_from_logits
+from specframe.types import SamplingConfig
 
 from .test_cli import save_tiny_model
 
@@ -48,9 +56,19 @@ def mostly(valid, hostile, odds: int = 10):
     return st.sampled_from([False] * (odds - 1) + [True]).flatmap(lambda bad: hostile if bad else valid)
 
 
+def marked(valid, hostile, odds: int = 10):
+    """Like `mostly`, drawing (hostile?, value), so the test knows whether every argument was valid."""
+    return st.sampled_from([False] * (odds - 1) + [True]).flatmap(
+        lambda bad: (hostile if bad else valid).map(lambda value: (bad, value)))
+
+
 def _options():
-    return mostly(st.none(), st.one_of(st.dictionaries(st.sampled_from(OPTION_KEYS), OPTION_VALUES, max_size=3),
+    return marked(st.none(), st.one_of(st.dictionaries(st.sampled_from(OPTION_KEYS), OPTION_VALUES, max_size=3),
                                        HOSTILE), odds=4)
+
+
+# valid drafters with the options they need on the 4-layer tiny model
+VALID_DRAFTERS = [(None, None), ("none", None), ("ngram", None), ("self_exit", {"layer": 2})]
 
 
 # ---- the Python API ---------------------------------------------------------------------------
@@ -61,26 +79,34 @@ def plain(tiny_model, stub_tokenizer, registry):
 
 @settings(FUZZ, max_examples=EXAMPLES or 100)
 @given(
-    drafter=mostly(st.sampled_from(DRAFTERS[:4]), st.one_of(st.sampled_from(DRAFTERS), HOSTILE, st.text(max_size=8))),
-    controller=mostly(st.sampled_from(CONTROLLERS), HOSTILE),
-    verifier=mostly(st.sampled_from(VERIFIERS), HOSTILE),
+    drafter=marked(st.sampled_from(VALID_DRAFTERS),
+                   st.tuples(st.one_of(st.sampled_from(DRAFTERS), HOSTILE, st.text(max_size=8)), st.none())),
+    controller=marked(st.sampled_from(CONTROLLERS), HOSTILE),
+    verifier=marked(st.sampled_from(VERIFIERS), HOSTILE),
     drafter_options=_options(), controller_options=_options(), verifier_options=_options(),
-    on_error=mostly(st.sampled_from(["fail", "fallback"]), HOSTILE),
-    prompt=mostly(st.lists(st.integers(0, 63), min_size=1, max_size=12),
+    on_error=marked(st.sampled_from(["fail", "fallback"]), HOSTILE),
+    prompt=marked(st.lists(st.integers(0, 63), min_size=1, max_size=12),
                   st.one_of(st.lists(st.one_of(st.integers(-5, 70), HOSTILE), max_size=4), st.text(max_size=10),
                             HOSTILE)),
-    max_new_tokens=mostly(st.integers(1, 16), st.one_of(st.integers(-3, 0), st.sampled_from([512, 10**7, 2**70]), HOSTILE)),
-    temperature=mostly(st.one_of(st.just(0.0), st.just(0.0), st.floats(0, 2)),
+    max_new_tokens=marked(st.integers(1, 16), st.one_of(st.integers(-3, 0), st.sampled_from([512, 10**7, 2**70]), HOSTILE)),
+    temperature=marked(st.one_of(st.just(0.0), st.just(0.0), st.floats(0, 2)),
                        st.one_of(st.floats(), st.sampled_from([1e-6, 5e-324, 1e-7]), HOSTILE)),
-    top_k=mostly(st.one_of(st.just(0), st.integers(0, 70)), st.one_of(st.integers(-5, 10**20), HOSTILE)),
-    top_p=mostly(st.one_of(st.just(1.0), st.floats(0, 1)), st.one_of(st.floats(), HOSTILE)),
-    seed=mostly(st.one_of(st.none(), st.integers(0, 2**64 - 1)), st.one_of(st.integers(2**64, 2**65), st.integers(-5, -1), HOSTILE)),
-    chat=mostly(st.one_of(st.none(), st.just(False)), st.one_of(st.just(True), HOSTILE)),
-    truncate=mostly(st.booleans(), HOSTILE),
+    top_k=marked(st.one_of(st.just(0), st.integers(0, 70)), st.one_of(st.integers(-5, 10**20), HOSTILE)),
+    top_p=marked(st.one_of(st.just(1.0), st.floats(0.01, 1)), st.one_of(st.floats(), st.just(0.0), HOSTILE)),
+    seed=marked(st.one_of(st.none(), st.integers(0, 2**64 - 1)), st.one_of(st.integers(2**64, 2**65), st.integers(-5, -1), HOSTILE)),
+    chat=marked(st.one_of(st.none(), st.just(False)), st.one_of(st.just(True), HOSTILE)),
+    truncate=marked(st.booleans(), HOSTILE),
 )
 def test_fuzz_python_api(tiny_model, stub_tokenizer, registry, plain, drafter, controller, verifier, drafter_options,
                          controller_options, verifier_options, on_error, prompt, max_new_tokens, temperature, top_k,
                          top_p, seed, chat, truncate):
+    drawn = [drafter, controller, verifier, drafter_options, controller_options, verifier_options, on_error, prompt,
+             max_new_tokens, temperature, top_k, top_p, seed, chat, truncate]
+    all_valid = not any(bad for bad, _ in drawn)
+    (_, (drafter, needed_options)), *rest = drawn
+    (controller, verifier, drafter_options, controller_options, verifier_options, on_error, prompt, max_new_tokens,
+     temperature, top_k, top_p, seed, chat, truncate) = [value for _, value in rest]
+    drafter_options = drafter_options if drafter_options is not None else needed_options
     kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                   chat=chat, truncate=truncate)
     try:
@@ -93,6 +119,7 @@ def test_fuzz_python_api(tiny_model, stub_tokenizer, registry, plain, drafter, c
             result = decoder.generate(prompt, **kwargs)
     except SpecframeError as error:
         assert str(error).strip()
+        assert not (all_valid and (temperature == 0 or temperature >= 1e-6)), f"valid arguments raised {error!r}"
         event(f"API: {type(error).__name__}: {str(error)[:30]}")
         return
     event(f"API: success at temperature {'0' if temperature == 0 else '> 0'}")
@@ -100,6 +127,18 @@ def test_fuzz_python_api(tiny_model, stub_tokenizer, registry, plain, drafter, c
     assert result.finish_reason in ("eos", "length") and result.stats.new_tokens == len(result.tokens)
     if temperature == 0:
         assert result.tokens == plain.generate(prompt, **kwargs).tokens
+    elif temperature >= 0.05 and top_p == 1.0:  # away from float ties at the top-p edge or near T = 0
+        ids = plain.encode(prompt, chat)  # at most 12 + 16 tokens: never truncated
+        assert_target_can_produce(tiny_model, ids, result.tokens, SamplingConfig(temperature, top_k, top_p))
+
+
+def assert_target_can_produce(model, prompt_ids: list[int], tokens: list[int], config: SamplingConfig) -> None:
+    """Every generated token has p > 0 under the target, processed with the same sampling settings."""
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([prompt_ids + tokens])).logits[0, len(prompt_ids) - 1 : -1]  # (T, V)
+    p = probs_from_logits(logits, config)
+    impossible = [(i, t) for i, t in enumerate(tokens) if not float(p[i, t]) > 0]
+    assert not impossible, f"tokens the target cannot produce (position, token): {impossible}"
 
 
 @settings(FUZZ, max_examples=EXAMPLES or 30)

@@ -40,7 +40,7 @@ def test_loading_on_another_model_is_a_clear_mismatch_error(tmp_path, tiny_model
     other_weights = tiny_llama(init=0.3, seed=1)
     with pytest.raises(ModelMismatchError, match="different weights"):
         EarlyExitHead.from_pretrained(path, other_weights)
-    other_shape = tiny_llama(init=0.3, hidden=48)
+    other_shape = tiny_llama(init=0.3, hidden_size=48)
     with pytest.raises(ModelMismatchError, match="hidden_size: head 32 vs model 48"):
         EarlyExitHead.from_pretrained(path, other_shape)
 

@@ -16,7 +16,7 @@ MODEL_FREE = ("ngram",)
 
 def drafter_options(name, model):
     if name == "draft_model":
-        return {"model": tiny_llama(vocab_size=model.config.vocab_size, layers=1, seed=7, init=0.3)}
+        return {"model": tiny_llama(vocab_size=model.config.vocab_size, num_layers=1, seed=7, init=0.3)}
     return DRAFTER_OPTIONS.get(name) or {}
 
 

@@ -27,30 +27,6 @@ def test_logits_to_keep_0_returns_every_row(tiny_model):
     assert target.forward(torch.tensor([1, 2, 3]), logits_to_keep=0).shape[0] == 3
 
 
-def test_a_few_rows_go_through_the_packed_lm_head_with_the_same_logits(tiny_model):
-    target = TargetModel(tiny_model)
-    hidden = torch.randn(3, tiny_model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    expected = tiny_model.lm_head(tiny_model.model.norm(hidden))
-    torch.testing.assert_close(target.logits(hidden), expected, rtol=1e-5, atol=1e-5)
-    if torch.backends.mkldnn.is_available():
-        assert target._packed_head is not None  # the few-row path was taken
-
-
-def test_one_row_never_builds_the_packed_lm_head(tiny_model):
-    target = TargetModel(tiny_model)
-    target.logits(torch.randn(1, tiny_model.config.hidden_size))
-    assert "_packed_head" not in vars(target)
-
-
-def test_no_packed_lm_head_outside_cpu_fp32(tiny_model):
-    import copy
-
-    target = TargetModel(copy.deepcopy(tiny_model).to(torch.bfloat16))
-    hidden = torch.randn(3, tiny_model.config.hidden_size, dtype=torch.bfloat16)
-    assert target.logits(hidden).shape == (3, tiny_model.config.vocab_size)
-    assert target._packed_head is None
-
-
 # ---- the split a drafter sees (SplitView) -------------------------------------------------------
 PROMPT = [5, 9, 2, 7, 7, 1, 3, 8, 4, 6]
 

@@ -14,9 +14,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from specframe.types import Draft
 from specframe.verifiers.greedy import GreedyVerifier
-from specframe.verifiers.speculative import speculative_step
+from specframe.verifiers.speculative import residual_distribution, speculative_step
 
 
 class _Branch(Exception):
@@ -147,11 +146,21 @@ def test_deterministic_drafter_one_hot_q_is_exact(seed, V, K):
 
 
 def test_zero_residual_mass_falls_back_to_p():
-    """p == q: every draft is accepted, and a rejection (impossible here) would sample p."""
-    p = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]], dtype=torch.float64)
-    outcomes = enumerate_verdicts(torch.tensor([1]), p[:1].clone(), p)
-    assert sum(outcomes.values()) == pytest.approx(1.0)
-    assert all(a == 1 for a, _ in outcomes)
+    """Zero residual mass means p <= q everywhere, so p == q; speculative_step then accepts
+    with certainty and never asks for the residual, so the fallback is checked directly."""
+    p = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
+    assert torch.equal(residual_distribution(p, p.clone()), p)
+    assert enumerate_verdicts(torch.tensor([1]), p[None].clone(), torch.stack([p, p])) == {(1, 0): 0.5, (1, 1): 0.5}
+
+
+def test_a_rejection_at_the_second_position_samples_that_positions_residual():
+    """d1 is always accepted (p1 == q1); d2 = 0 is rejected with probability 1 - 0.2/0.8 = 0.75,
+    and the correction comes from norm(max(0, p2 - q2)) = token 1 only."""
+    p = torch.tensor([[0.0, 1.0], [0.2, 0.8], [0.5, 0.5]], dtype=torch.float64)
+    q = torch.tensor([[0.0, 1.0], [0.8, 0.2]], dtype=torch.float64)
+    outcomes = enumerate_verdicts(torch.tensor([1, 0]), q, p)
+    assert outcomes[(1, 1)] == pytest.approx(0.75) and outcomes[(2, 0)] == pytest.approx(0.125)
+    assert set(outcomes) == {(1, 1), (2, 0), (2, 1)}
 
 
 def test_bonus_token_comes_from_the_last_row():
@@ -182,4 +191,3 @@ def test_greedy_verifier_accepts_the_longest_argmax_prefix(seed, V, K):
         expected += 1
     assert verdict.accepted_length == expected
     assert verdict.next_token == int(p[expected].argmax())
-    assert len(Draft(tokens=drafts)) == K

@@ -1,0 +1,263 @@
+"""The few-row linear kernel: same products as F.linear, rows independent of the batch, routed
+only inside TargetModel's passes, and PyTorch's kernels (or the packed oneDNN LM head) where it
+cannot be used."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from specframe import kernels
+from specframe.kernels import FewRowKernels, KernelCheckError, build_library, few_rows_linear, load_library
+from specframe.target import TargetModel
+
+from .conftest import StubTokenizer, tiny_llama
+
+HAS_COMPILER = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
+
+
+@pytest.fixture
+def kernel():
+    """The compiled kernel; only a machine without a C compiler may skip (that is the fallback's case)."""
+    if kernels.library() is None:
+        if HAS_COMPILER:
+            pytest.fail("a C compiler is on PATH but the few-row kernel did not build")
+        pytest.skip("no C compiler: the fallback tests cover this machine")
+    return kernels.library()
+
+
+@pytest.fixture
+def no_kernel(monkeypatch):
+    monkeypatch.setattr(kernels, "library", lambda: None)
+
+
+@pytest.mark.parametrize("rows", range(1, 17))
+@pytest.mark.parametrize("K, N", [(576, 192), (37, 9), (96, 130)])  # tails in K and N
+def test_kernel_matches_f_linear(kernel, rows, K, N):
+    generator = torch.Generator().manual_seed(rows)
+    x, w, b = (torch.randn(*shape, generator=generator) for shape in ((rows, K), (N, K), (N,)))
+    torch.testing.assert_close(few_rows_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(few_rows_linear(x[None], w, b), F.linear(x[None], w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_each_row_is_bitwise_the_one_row_product(kernel):
+    generator = torch.Generator().manual_seed(0)
+    x, w = torch.randn(16, 200, generator=generator), torch.randn(67, 200, generator=generator)
+    together = few_rows_linear(x, w)
+    alone = torch.cat([few_rows_linear(x[i : i + 1], w) for i in range(16)])
+    assert torch.equal(together, alone)
+
+
+def test_a_wrong_kernel_is_refused(kernel, monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_kernel_dir", lambda: tmp_path)
+    broken = kernels.C_SOURCE.replace("for (int kk = k; kk < K; kk++) s +=", "for (int kk = k; kk < K; kk++) s -=")
+    with pytest.raises(KernelCheckError, match="wrongly"):
+        load_library(build_library(shutil.which("cc") or shutil.which("gcc"), kernels.CFLAGS, broken))
+
+
+def test_a_failing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_kernel_dir", lambda: tmp_path)
+    monkeypatch.setenv("CC", "false")
+    kernels.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="few-row kernel is unavailable"):
+            assert kernels.library() is None
+    finally:
+        kernels.library.cache_clear()
+
+
+def test_the_environment_switch_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setenv(kernels.DISABLE_ENV, "0")
+    kernels.library.cache_clear()
+    try:
+        assert kernels.library() is None
+    finally:
+        kernels.library.cache_clear()
+
+
+@pytest.mark.parametrize("t", range(1, 17))
+def test_target_logits_match_pytorch_for_1_to_16_new_tokens(kernel, t):
+    model = tiny_llama(vocab_size=96, layers=3, seed=t, init=0.3, hidden=64)
+    ids = torch.randint(0, 96, (20 + t,), generator=torch.Generator().manual_seed(t))
+    target = TargetModel(model)
+    target.forward(ids[:20], logits_to_keep=1)
+    fast = target.forward(ids[20:])  # (t, V)
+    with torch.inference_mode():
+        stock = model(ids[None]).logits[0, 20:]
+    torch.testing.assert_close(fast, stock, rtol=1e-4, atol=1e-4)
+
+
+def test_a_pass_routes_every_linear_through_the_kernel(kernel, tiny_model, monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "few_rows_linear", lambda *args: calls.append(args[1].shape) or F.linear(*args))
+    TargetModel(tiny_model).forward(torch.tensor([3, 4, 5]))
+    layers = tiny_model.config.num_hidden_layers
+    assert len(calls) == 7 * layers + 1  # q, k, v, o, gate, up, down per layer, and the LM head
+
+
+def test_the_model_is_untouched_outside_a_pass(kernel, tiny_model):
+    target = TargetModel(tiny_model)
+    with target.kernels, target.kernels:  # blocks nest
+        assert "forward" in vars(tiny_model.lm_head)
+    target.forward(torch.tensor([1, 2, 3]))
+    assert not any("forward" in vars(m) for m in tiny_model.modules())
+    assert tiny_model.config._attn_implementation == "sdpa"
+
+
+def test_a_layer_with_its_own_forward_is_left_alone(kernel):
+    model = tiny_llama()
+    hooked = model.model.layers[0].mlp.down_proj
+    hooked.forward = own = lambda x: F.linear(x, hooked.weight)
+    with FewRowKernels(model):
+        assert hooked.forward is own
+        assert "forward" in vars(model.model.layers[0].mlp.up_proj)
+
+
+def test_fp32_greedy_equals_hf_generate_through_the_engine(kernel):
+    from specframe import SpeculativeDecoder
+
+    model = tiny_llama(vocab_size=64, layers=4, seed=3, init=0.3)
+    prompt = [5, 9, 2, 31, 7, 12, 5, 9]
+    with torch.inference_mode():
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):]
+    for drafter in (None, "ngram"):
+        decoder = SpeculativeDecoder(model, StubTokenizer(), drafter=drafter, controller="fixed")
+        assert decoder.target.kernels.path == "compiled few-row kernel"
+        got = decoder.generate(prompt, max_new_tokens=24, temperature=0.0).tokens
+        assert got == expected.tolist(), drafter
+
+
+def test_without_a_kernel_a_few_rows_take_the_packed_lm_head(no_kernel, tiny_model):
+    target = TargetModel(tiny_model)
+    assert target.kernels.path == ("oneDNN LM head" if torch.backends.mkldnn.is_available() else "PyTorch")
+    hidden = torch.randn(3, tiny_model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    expected = tiny_model.lm_head(tiny_model.model.norm(hidden))
+    torch.testing.assert_close(target.logits(hidden), expected, rtol=1e-5, atol=1e-5)
+    if torch.backends.mkldnn.is_available():
+        assert target.kernels._routes[0][1].packed is not None  # the few-row path was taken
+
+
+def test_without_a_kernel_one_row_never_packs_the_lm_head(no_kernel, tiny_model):
+    target = TargetModel(tiny_model)
+    target.logits(torch.randn(1, tiny_model.config.hidden_size))
+    assert all("packed" not in vars(route) for _, route in target.kernels._routes)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_other_dtypes_keep_pytorch_kernels(tiny_model, dtype):
+    model = copy.deepcopy(tiny_model).to(dtype)
+    target = TargetModel(model)
+    assert target.kernels._routes == []
+    hidden = torch.randn(3, model.config.hidden_size, dtype=dtype)
+    assert target.logits(hidden).shape == (3, model.config.vocab_size)
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 16, 17])
+def test_few_row_attention_matches_transformers_sdpa(tiny_model, T):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from specframe.kernels import few_row_attention
+    from specframe.target import causal_mask
+
+    module = tiny_model.model.layers[0].self_attn  # 4 query heads on 2 key/value heads
+    generator = torch.Generator().manual_seed(T)
+    query = torch.randn(1, 4, T, 8, generator=generator)
+    key, value = (torch.randn(1, 2, 30 + T, 8, generator=generator) for _ in range(2))
+    mask = causal_mask(T, 30, "cpu")
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=module.scaling)
+    got, _ = few_row_attention(module, query, key, value, mask, scaling=module.scaling)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_verification_pass_gives_bitwise_the_logits_of_one_token_passes(kernel):
+    model = tiny_llama(vocab_size=96, layers=3, seed=1, init=0.3, hidden=64)
+    ids = torch.randint(0, 96, (28,), generator=torch.Generator().manual_seed(0))
+    target = TargetModel(model)
+    target.forward(ids[:20], logits_to_keep=1)
+    together = target.forward(ids[20:])  # (8, V)
+    target.rollback(20)
+    alone = torch.cat([target.forward(ids[i : i + 1]) for i in range(20, 28)])
+    assert torch.equal(together, alone)
+
+
+def test_a_pass_runs_the_few_row_attention(tiny_model, monkeypatch):
+    calls = []
+    original = kernels.few_row_attention
+    monkeypatch.setattr(kernels, "few_row_attention", lambda *a, **k: calls.append(a[1].shape[2]) or original(*a, **k))
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(kernels.ATTENTION, kernels.few_row_attention)
+    try:
+        TargetModel(tiny_model).forward(torch.tensor([3, 4, 5]))
+    finally:
+        AttentionInterface.register(kernels.ATTENTION, original)
+    assert calls == [3] * tiny_model.config.num_hidden_layers
+
+
+def _threads_seen(monkeypatch, tiny_model, settings: int, env: str | None) -> tuple[set[int], list[int]]:
+    """Threads torch had in each target pass, and in the caller between tokens and after."""
+    from specframe import SpeculativeDecoder
+
+    if env is not None:
+        monkeypatch.setenv(kernels.THREADS_ENV, env)
+    inside, outside = set(), []
+    forward = TargetModel.forward
+    monkeypatch.setattr(TargetModel, "forward", lambda self, *a, **k: inside.add(torch.get_num_threads())
+                        or forward(self, *a, **k))
+    decoder = SpeculativeDecoder(tiny_model, StubTokenizer(), drafter="ngram", controller="fixed")
+    before = torch.get_num_threads()
+    torch.set_num_threads(settings)
+    try:
+        for _ in decoder.stream_tokens([5, 9, 2, 31, 7], max_new_tokens=6):
+            outside.append(torch.get_num_threads())
+        outside.append(torch.get_num_threads())
+    finally:
+        torch.set_num_threads(before)
+    return inside, outside
+
+
+@pytest.mark.parametrize("env, expected", [(None, {1}), ("2", {2}), ("torch", {3})])
+def test_generation_runs_at_the_chosen_threads_and_gives_the_caller_its_own(monkeypatch, tiny_model, env, expected):
+    inside, outside = _threads_seen(monkeypatch, tiny_model, 3, env)
+    assert inside == expected
+    assert set(outside) == {3}
+
+
+def test_a_bad_thread_setting_is_a_config_error(monkeypatch, tiny_model):
+    from specframe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="SPECFRAME_THREADS must be a whole number"):
+        _threads_seen(monkeypatch, tiny_model, 1, "many")
+
+
+def test_more_than_one_thread_keeps_pytorch_kernels(kernel, tiny_model, monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "few_rows_linear", lambda *args: calls.append(1) or F.linear(*args))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        TargetModel(tiny_model).forward(torch.tensor([3, 4, 5]))
+    finally:
+        torch.set_num_threads(before)
+    assert calls == []
+
+
+def test_few_row_attention_leaves_a_sliding_window_to_transformers(tiny_model):
+    from transformers.integrations import sdpa_attention
+
+    from specframe.kernels import few_row_attention
+
+    module = tiny_model.model.layers[0].self_attn
+    calls = []
+    original = sdpa_attention.sdpa_attention_forward
+    sdpa_attention.sdpa_attention_forward = lambda *a, **k: calls.append(k) or original(*a, **k)
+    try:
+        query, key = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 33, 8)
+        few_row_attention(module, query, key, key, None, scaling=module.scaling, sliding_window=16)
+    finally:
+        sdpa_attention.sdpa_attention_forward = original
+    assert calls and calls[0]["sliding_window"] == 16
