@@ -16,6 +16,8 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+	@echo "== the tests of --dtype auto again, with auto resolved to bf16 (docs/numerics.md)"
+	SPECFRAME_ASSUME_BF16=1 $(BIN)/python -m pytest -m auto_dtype tests
 	@for plugin in $(dir $(PLUGINS)); do \
 		echo "== tests of $$plugin"; \
 		$(BIN)/python -m pytest $$plugin/tests || exit 1; \

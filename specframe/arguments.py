@@ -7,6 +7,14 @@ import argparse
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
+def _dtype_help() -> str:
+    """The per-dtype guarantee, word for word as in the README and docs/numerics.md."""
+    from .numerics import GUARANTEES
+
+    return ("weights dtype (default auto = fp32, the exact one; bf16 is the opt-in, see docs/numerics.md). "
+            + " ".join(GUARANTEES.values()))
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """--model, --device and --dtype, in a group titled "model" (returned, to add more to it)."""
     group = parser.add_argument_group("model")
@@ -14,7 +22,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
                        help="a local Hugging Face causal LM directory (default: embedded SmolLM2-135M-Instruct)")
     group.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda")
     group.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                       help="weights dtype; lossless means against plain decoding in the same dtype")
+                       help=_dtype_help())
     return group
 
 

@@ -148,8 +148,10 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         interrupted = True
         print("\nspecframe bench: interrupted; summarising what finished", file=sys.stderr)
-    from .bench_report import write_reports
+    from .bench_report import write_near_ties, write_reports
 
+    if config.temperature == 0:  # numerics: is each greedy mismatch a near-tie? (docs/numerics.md)
+        write_near_ties(config.out, model, ids, results.read(), config.baseline)
     summary = write_reports(config.out, results.read(), list(config.methods), prompts, settings, plots=config.plots)
     if interrupted:
         return 130

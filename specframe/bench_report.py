@@ -12,12 +12,15 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from .numerics import NEAR_TIE_STEPS
+
 # two-sided 95 % Student-t quantiles t(0.975, df) for df = 1..30
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
         2.045, 2.042)
 _T95_TAIL = ((30, 2.042), (40, 2.021), (60, 2.000), (120, 1.980), (math.inf, 1.960))
 POSITIONS_SHOWN = 8
+NEAR_TIES_FILE = "near_ties.json"
 
 
 def t_critical(df: int) -> float:
@@ -58,15 +61,18 @@ def latest_records(records: list[dict], labels: list[str], prompt_ids: set[str])
 
 
 def summarize(records: list[dict], labels: list[str], baseline: str, categories: dict[str, str],
-              greedy: bool) -> dict:
-    """Statistics per method, overall and per category. `categories` maps prompt id -> category."""
+              greedy: bool, near_ties: dict | None = None) -> dict:
+    """Statistics per method, overall and per category. `categories` maps prompt id -> category;
+    `near_ties` maps mismatch_key(record) -> a `Divergence.as_dict()` (see `judge_mismatches`)."""
     chosen = latest_records(records, labels, set(categories))
     errors = Counter(r.get("method") for r in records if r.get("error"))
     order = list(dict.fromkeys(categories.values()))
-    summary = {"baseline": baseline, "greedy": greedy, "categories": order, "methods": {}}
+    summary = {"baseline": baseline, "greedy": greedy, "categories": order, "methods": {},
+               "dtypes": sorted({r["dtype"] for r in chosen.values() if r.get("dtype")})}
     for label in labels:
         mine = {k: r for k, r in chosen.items() if k[1] == label}
         entry = _method_stats(mine.values(), chosen, baseline, label, greedy)
+        _add_near_ties(entry, label, near_ties or {})
         entry["errors"] = errors.get(label, 0)
         entry["by_category"] = {
             c: _method_stats([r for r in mine.values() if categories[str(r["prompt_id"])] == c],
@@ -138,6 +144,40 @@ def _mismatches(records, chosen: dict, baseline: str, label: str, greedy: bool) 
             examples.append({"prompt_id": str(r["prompt_id"]), "repeat": r["repeat"], "first_difference": first,
                              "lengths": [len(mine), len(theirs)]})
     return {"compared": compared, "mismatches": len(examples), "mismatch_examples": examples}
+
+
+def mismatch_key(prompt_id, method: str, repeat) -> str:
+    return f"{prompt_id}|{method}|{repeat}"
+
+
+def _add_near_ties(entry: dict, label: str, near_ties: dict) -> None:
+    """Attach each mismatch's near-tie verdict, where one was computed, and count the near-ties."""
+    judged = 0
+    for example in entry["mismatch_examples"]:
+        verdict = near_ties.get(mismatch_key(example["prompt_id"], label, example["repeat"]))
+        if verdict is not None:
+            example["near_tie"] = verdict
+            judged += verdict["near_tie"]
+    if entry["mismatch_examples"] and near_ties:
+        entry["near_ties"] = judged
+
+
+def judge_mismatches(model, ids: dict[str, list[int]], records: list[dict], baseline: str) -> dict:
+    """For each greedy output that parts from the baseline's on the same prompt and repeat: the
+    near-tie verdict at its first divergence (`specframe.numerics.judge_divergence`), recomputed
+    on `model`. Keys are mismatch_key(...); outputs where one is a prefix of the other are left out."""
+    from .numerics import judge_divergence
+
+    chosen = {(str(r["prompt_id"]), r["method"], r["repeat"]): r for r in records if not r.get("error")}
+    verdicts = {}
+    for (prompt_id, method, repeat), record in chosen.items():
+        base = chosen.get((prompt_id, baseline, repeat))
+        if method == baseline or base is None or prompt_id not in ids:
+            continue
+        verdict = judge_divergence(model, ids[prompt_id], base.get("tokens", []), record.get("tokens", []))
+        if verdict is not None:
+            verdicts[mismatch_key(prompt_id, method, repeat)] = verdict.as_dict()
+    return verdicts
 
 
 def _target_passes(stats: dict) -> int:
@@ -237,7 +277,8 @@ def _split(split: dict | None) -> str:
 def _mismatch_cell(entry: dict) -> str:
     if entry["mismatches"] is None:
         return "–"
-    return f"{entry['mismatches']} / {entry['compared']}"
+    ties = f" ({entry['near_ties']} near-ties)" if "near_ties" in entry else ""
+    return f"{entry['mismatches']} / {entry['compared']}{ties}"
 
 
 def _category_table(summary: dict, cell) -> list[str]:
@@ -273,16 +314,36 @@ def _losslessness(summary: dict) -> list[str]:
                 "speculative sampling keeps the output distribution; check it with the test suite."]
     base, lines = summary["baseline"], []
     total = sum(m["mismatches"] or 0 for m in summary["methods"].values())
-    lines.append(f"Greedy decoding: every generation compared token by token with `{base}` on the same prompt. "
+    lines.append(f"Greedy decoding: every generation compared token by token with `{base}` on the same prompt"
+                 f"{_dtype_clause(summary.get('dtypes', []))}. "
                  + ("**All identical.**" if total == 0 else f"**{total} generations differ.**"))
+    if total:
+        lines.append(f"A mismatch is a *near-tie* when, recomputed from the same prefix, both tokens lie within "
+                     f"{NEAR_TIE_STEPS['bf16']} bf16/fp16 or {NEAR_TIE_STEPS['fp32']} fp32 steps (units in the "
+                     "last place) of the best logit; "
+                     "docs/numerics.md says why bf16 and fp16 allow these and fp32 does not.")
     for label, m in summary["methods"].items():
         for example in m["mismatch_examples"][:5]:
             lines.append(f"- `{label}` prompt {example['prompt_id']} (repeat {example['repeat']}): first differs at "
                          f"new token {example['first_difference']}; lengths {example['lengths'][0]} vs "
-                         f"{example['lengths'][1]}")
+                         f"{example['lengths'][1]}{_tie_words(example.get('near_tie'))}")
         if len(m["mismatch_examples"]) > 5:
             lines.append(f"- `{label}`: {len(m['mismatch_examples']) - 5} more")
     return lines
+
+
+def _dtype_clause(dtypes: list[str]) -> str:
+    if len(dtypes) > 1:
+        return (f", **across dtypes ({', '.join(dtypes)})**: records of different dtypes are compared, so "
+                "differences may come from the dtype, not from the method")
+    return f", both in {dtypes[0]}" if dtypes else ""
+
+
+def _tie_words(verdict: dict | None) -> str:
+    if verdict is None:
+        return ""
+    kind = "near-tie" if verdict["near_tie"] else "**CLEAR MARGIN**"
+    return f"; {kind}: gap {verdict['gap']:.4g} = {verdict['steps']:.1f} {verdict['dtype']} steps"
 
 
 # ---- writing ------------------------------------------------------------------------------------
@@ -290,7 +351,7 @@ def write_reports(out: Path, records: list[dict], methods, prompts, config: dict
     """summary.json, summary.md and the plots from the results; prints the overall table."""
     categories = {p.id: p.category for p in prompts}
     summary = summarize(records, [m.label for m in methods], config["baseline"], categories,
-                        greedy=config["temperature"] == 0)
+                        greedy=config["temperature"] == 0, near_ties=read_near_ties(out))
     written, note = [], ""
     if plots:
         try:
@@ -308,3 +369,15 @@ def write_reports(out: Path, records: list[dict], methods, prompts, config: dict
     print(f"\nspecframe bench: wrote {out / 'summary.md'}, summary.json, results.jsonl"
           + (f" and {len(written)} plots" if written else ""), file=sys.stderr)
     return summary
+
+
+def write_near_ties(out: Path, model, ids: dict[str, list[int]], records: list[dict], baseline: str) -> None:
+    """OUT/near_ties.json: the near-tie verdict of every greedy mismatch (read again by --report-only)."""
+    (out / NEAR_TIES_FILE).write_text(json.dumps(judge_mismatches(model, ids, records, baseline), indent=1) + "\n")
+
+
+def read_near_ties(out: Path) -> dict:
+    try:
+        return json.loads((out / NEAR_TIES_FILE).read_text())
+    except (OSError, ValueError):
+        return {}

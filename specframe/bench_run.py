@@ -69,6 +69,7 @@ class Bench:
 
     def __init__(self, config, model, tokenizer, assistant, results: ResultsFile):
         from .models import context_length, eos_token_ids
+        from .numerics import dtype_name
 
         self.config, self.methods, self.results = config, config.methods, results
         self.sampling = {"temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p}
@@ -77,6 +78,7 @@ class Bench:
         eos = eos_token_ids(tokenizer, model)
         self.runners = {m.label: build_runner(m, model, tokenizer, eos, assistant) for m in self.methods}
         self.done = {record_key(r) for r in results.read() if not r.get("error")}
+        self.dtype = dtype_name(model.dtype)  # numerics: each record names its dtype, so none is compared across
 
     def encode(self, prompts: list) -> dict[str, list[int]]:
         """Token ids per prompt id (chat template on the first turn, as `specframe run` does)."""
@@ -122,7 +124,7 @@ class Bench:
 
     def run_one(self, prompt, ids: list[int], method: MethodSpec, repeat: int, seed: int) -> dict:
         record = {"prompt_id": prompt.id, "category": prompt.category, "method": method.label,
-                  "repeat": repeat, "seed": seed, "prompt_tokens": len(ids)}
+                  "repeat": repeat, "seed": seed, "prompt_tokens": len(ids), "dtype": self.dtype}
         reset_peak_memory()
         try:
             outcome = self.runners[method.label].generate(ids, self.config.max_new_tokens, self.sampling, seed)

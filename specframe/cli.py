@@ -196,8 +196,8 @@ def format_stats(result, args) -> str:
     s = result.stats
     strategy = "plain decoding" if args.drafter == PLAIN else f"{args.drafter} + {args.controller}"
     lines = [
-        f"--- {strategy} | {s.new_tokens} tokens in {s.total_seconds:.2f}s = {s.tokens_per_second:.1f} tokens/s"
-        f" | finish: {result.finish_reason}",
+        f"--- {strategy} | {_numerics(args)} | {s.new_tokens} tokens in {s.total_seconds:.2f}s = "
+        f"{s.tokens_per_second:.1f} tokens/s | finish: {result.finish_reason}",
     ]
     if args.drafter != PLAIN:
         lines.append(
@@ -208,6 +208,17 @@ def format_stats(result, args) -> str:
     if s.fallback:
         lines.append(f"--- fell back to plain decoding: {s.fallback}")
     return "\n".join(lines)
+
+
+def _numerics(args) -> str:
+    """The dtype and what it guarantees, e.g. "fp32 | greedy: token-exact" (docs/numerics.md)."""
+    from .models import resolve_device, resolve_dtype
+    from .numerics import dtype_name, exactness
+    from .plugins import get_registry
+
+    dtype = resolve_dtype(args.dtype, resolve_device(args.device))
+    lossless = bool(getattr(get_registry().get("verifier", args.verifier).factory, "lossless", True))
+    return f"{dtype_name(dtype)} | {exactness(dtype, args.temperature == 0, lossless)}"
 
 
 # ---- plugins --------------------------------------------------------------------------------

@@ -46,9 +46,31 @@ def stub_tokenizer() -> StubTokenizer:
     return StubTokenizer()
 
 
-@pytest.fixture(scope="session")
-def default_model():
-    """The real SmolLM2-135M-Instruct, loaded once per test session."""
+def pytest_configure(config):
+    config.addinivalue_line("markers", "auto_dtype: exercises `--dtype auto`; CI runs these a second time with "
+                            "SPECFRAME_ASSUME_BF16=1, so a CPU without bf16 units still tests the bf16 path")
+
+
+def _load_default_model(dtype: str):
     from specframe.models import load_model
 
-    return load_model()
+    return load_model(dtype=dtype)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real SmolLM2-135M-Instruct in fp32, loaded once per test session. Tests of token-for-token
+    equality use it: fp32 is the dtype whose guarantee is exact equality (docs/numerics.md)."""
+    return _load_default_model("fp32")
+
+
+@pytest.fixture(scope="session")
+def default_model_bf16():
+    """The real default model in bf16 (emulated, slowly, on a CPU without bf16 units)."""
+    return _load_default_model("bf16")
+
+
+@pytest.fixture(scope="session")
+def default_model_auto():
+    """The real default model as `--dtype auto` loads it here (SPECFRAME_ASSUME_BF16 changes that)."""
+    return _load_default_model("auto")

@@ -127,6 +127,7 @@ def test_speculative_sampling_with_early_exit_is_exactly_the_target_distribution
 @pytest.mark.parametrize("controller", ["thompson", "fixed"])
 def test_default_model_greedy_equality_with_the_shipped_head(default_model, controller, registry):
     model, tokenizer = default_model
+    assert model.dtype == torch.float32, "token-for-token equality is the fp32 guarantee (docs/numerics.md)"
     prompts = ["Write a haiku about the sea.", "Explain what a hash table is."]
     for text in prompts:
         decoder = SpeculativeDecoder(model, tokenizer, drafter=None, controller="fixed", registry=registry)

@@ -1,4 +1,8 @@
-"""Greedy speculative decoding gives exactly the tokens of plain greedy decoding."""
+"""Greedy speculative decoding gives exactly the tokens of plain greedy decoding.
+
+Exact equality is the fp32 guarantee: the tiny models are fp32, and the real model's fixture
+(`default_model`) loads fp32 explicitly, never `auto`. bf16 is tested in tests/test_numerics.py.
+"""
 
 from __future__ import annotations
 
@@ -77,6 +81,7 @@ def test_eos_stops_on_every_committed_token(tiny_model, stub_tokenizer, registry
 ])
 def test_default_model_greedy_equality(default_model, drafter, controller, options):
     model, tokenizer = default_model
+    assert model.dtype == torch.float32, "token-for-token equality is the fp32 guarantee"
     prompts = ["Explain what a hash table is.", "Write a haiku about the sea.",
                "List three prime numbers and say why they are prime."]
     for prompt in prompts:
