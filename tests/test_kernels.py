@@ -81,7 +81,7 @@ def test_the_environment_switch_turns_the_kernel_off(monkeypatch):
 
 @pytest.mark.parametrize("t", range(1, 17))
 def test_target_logits_match_pytorch_for_1_to_16_new_tokens(kernel, t):
-    model = tiny_llama(vocab_size=96, layers=3, seed=t, init=0.3, hidden=64)
+    model = tiny_llama(vocab_size=96, num_layers=3, seed=t, init=0.3, hidden_size=64)
     ids = torch.randint(0, 96, (20 + t,), generator=torch.Generator().manual_seed(t))
     target = TargetModel(model)
     target.forward(ids[:20], logits_to_keep=1)
@@ -120,7 +120,7 @@ def test_a_layer_with_its_own_forward_is_left_alone(kernel):
 def test_fp32_greedy_equals_hf_generate_through_the_engine(kernel):
     from specframe import SpeculativeDecoder
 
-    model = tiny_llama(vocab_size=64, layers=4, seed=3, init=0.3)
+    model = tiny_llama(vocab_size=64, num_layers=4, seed=3, init=0.3)
     prompt = [5, 9, 2, 31, 7, 12, 5, 9]
     with torch.inference_mode():
         expected = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):]
@@ -174,7 +174,7 @@ def test_few_row_attention_matches_transformers_sdpa(tiny_model, T):
 
 
 def test_a_verification_pass_gives_bitwise_the_logits_of_one_token_passes(kernel):
-    model = tiny_llama(vocab_size=96, layers=3, seed=1, init=0.3, hidden=64)
+    model = tiny_llama(vocab_size=96, num_layers=3, seed=1, init=0.3, hidden_size=64)
     ids = torch.randint(0, 96, (28,), generator=torch.Generator().manual_seed(0))
     target = TargetModel(model)
     target.forward(ids[:20], logits_to_keep=1)
