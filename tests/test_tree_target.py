@@ -111,3 +111,18 @@ def test_lowered_tokens_that_are_not_the_trees_head_chain_are_a_contract_error(t
     view.lower(torch.tensor([ROOT_TOKEN, 20, 21]))
     with pytest.raises(PluginContractError, match="chain of the tree's first nodes"):
         target.forward_tree(torch.tensor([ROOT_TOKEN, 20, 21]), (-1, -1))
+
+
+def test_with_the_few_row_kernels_each_node_is_bitwise_a_one_token_pass_over_its_path(tiny_model):
+    from specframe import kernels
+
+    if kernels.library() is None:
+        pytest.skip("no C compiler: the few-row kernels are off")
+    parents = SHAPES["2x2"]
+    _, node_tokens, logits = _tree_target(tiny_model, parents)
+    for node in range(len(parents)):
+        target = TargetModel(tiny_model)
+        target.forward(torch.tensor(PROMPT))
+        for token in [ROOT_TOKEN] + [node_tokens[n] for n in path_to(parents, node)]:
+            row = target.forward(torch.tensor([token]))[-1]
+        assert torch.equal(logits[node + 1], row), node
