@@ -29,6 +29,19 @@ from specframe.interfaces import Drafter
 from specframe.types import Draft
 
 from .self_exit import draft_with
+from .tree_drafting import draft_tree_with
+
+MAX_WIDTH = 8  # candidates per depth
+
+
+def _agreement(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
 
 
 @define
@@ -39,12 +52,16 @@ class EarlyExitDrafter(Drafter):
     head: object = field(default=None, validator=v.optional(v.instance_of((str, EarlyExitHead))))
     # also draft tokens of the context outside a reduced vocabulary (measured: no gain, see docs/eesd.md)
     context_vocab: bool = field(default=False, validator=v.instance_of(bool))
+    # candidates per depth: 1 drafts a chain; w > 1 a tree with w - 1 alternatives beside each
+    # chain token (drafters/tree_drafting.py), verified in the same pass
+    width: int = field(default=1, validator=[v.instance_of(int), v.ge(1), v.le(MAX_WIDTH)])
     split: object = field(default=None, init=False, repr=False)  # the target's SplitView
     model: object = field(default=None, init=False, repr=False)  # the head (an EarlyExitHead)
     _loaded_for: int | None = field(default=None, init=False, repr=False)
     _vocab_seen: int = field(default=0, init=False, repr=False)  # context tokens already in the head's vocab
     _feature: object = field(default=None, init=False, repr=False)  # eagle: (1, C) feature for the next draft
     _feature_is_true: bool = field(default=False, init=False, repr=False)  # the target's own, not predicted
+    _head_ids: list = field(factory=list, init=False, repr=False)  # the tokens in the head's cache
 
     def before_prefill(self, target, prompt_ids) -> None:
         """Split the target at the head's layer, so the prefill keeps the prompt's states there."""
@@ -52,6 +69,9 @@ class EarlyExitDrafter(Drafter):
             raise SpecframeError(f"{type(target.model).__name__} is not a Llama-style decoder, so the early_exit "
                                  "drafter cannot split it; use a drafter such as 'ngram' or 'draft_model'")
         self._load(target)
+        if self.reads_final and self.width > 1:
+            raise SpecframeError("an eagle head cannot draft trees yet (width > 1): a tree pass does not keep the "
+                                 "last-layer features it reads; use width=1 with this head, or a base head for trees")
         self.split = target.enable_split(self.model.exit_layer, final=self.reads_final)
 
     @property
@@ -64,6 +84,7 @@ class EarlyExitDrafter(Drafter):
         self.model.reset_cache()
         self.model.reset_context_vocab()
         self._vocab_seen = 0
+        self._head_ids = list(prompt_ids)
         if prompt_ids:
             self._catch_up(len(prompt_ids))
 
@@ -91,12 +112,18 @@ class EarlyExitDrafter(Drafter):
         if self.context_vocab and self._vocab_seen < len(context):
             self.model.add_context_vocab(context[self._vocab_seen :])
             self._vocab_seen = len(context)
+        if self.width > 1:  # a tree's accepted path may leave the chain the head cached
+            self.rollback(_agreement(self._head_ids, context[:committed]))
         self._catch_up(committed)  # tokens that verification lowered (bonus/correction)
+        self._head_ids = list(context[:committed])
+        if self.width > 1:
+            return draft_tree_with(self._step, context[-1], max_tokens, self.width, controller, sampler)
         return draft_with(self._step, context[-1], max_tokens, controller, sampler)
 
     @torch.inference_mode()
     def _step(self, token: int) -> torch.Tensor:
         hidden = self.split.lower(torch.tensor([token]))  # (1, C) after layer N
+        self._head_ids.append(token)
         if self.reads_final:  # the first draft reads the true feature, later ones the predicted one
             exact = self._feature_is_true
             logits, self._feature = self.model.extend_with(hidden, self._feature, exact=exact)  # (1, R), (1, C)
@@ -108,6 +135,7 @@ class EarlyExitDrafter(Drafter):
     def rollback(self, valid_length: int) -> None:
         if self.model is not None:
             self.model.rollback(valid_length)
+        del self._head_ids[valid_length:]
 
     def _load(self, target) -> None:
         if self._loaded_for == id(target.model):

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from .errors import PluginContractError
-from .types import Draft, Verdict, is_int  # noqa: F401 - is_int is part of this module's checks
+from .trees import ROOT, path_to
+from .types import Draft, TreeVerdict, Verdict, is_int  # noqa: F401 - is_int is part of this module's checks
 
 Q_SUM_TOLERANCE = 1e-3
 # The contract's bound on any controller's max_draft(): asking for more drafts in one round is a
@@ -53,8 +54,21 @@ def check_draft(draft: Draft, budget: int, vocab_size: int, plugin: str, part: s
     if K and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
         raise PluginContractError(plugin, f"draft tokens lie in [0, {vocab_size})", f"got {tokens.tolist()}", part)
     _check_confidences(draft.confidences, K, plugin, part)
+    if draft.parents is not None:
+        check_parents(draft.parents, K, plugin, part)
     if draft.q is not None:
         _check_q(draft.q, tokens, vocab_size, plugin, part)
+
+
+def check_parents(parents, K: int, plugin: str, part: str | None = None) -> None:
+    """A tree's parents: one int per token, each -1 (the root) or an earlier node's index."""
+    rule = "parents hold one int per draft token, each -1 or the index of an earlier token"
+    if not isinstance(parents, tuple) or len(parents) != K:
+        raise PluginContractError(plugin, rule, f"{K} tokens, parents {parents!r}", part)
+    bad = [(i, p) for i, p in enumerate(parents) if not is_int(p) or not ROOT <= p < i]
+    if bad:
+        where = ", ".join(f"token {i} has parent {p!r}" for i, p in bad)
+        raise PluginContractError(plugin, rule, where, part)
 
 
 def _check_confidences(confidences, K: int, plugin: str, part: str | None) -> None:
@@ -102,6 +116,32 @@ def check_verdict(verdict: Verdict, drafted: int, vocab_size: int, plugin: str, 
         where = ", ".join(f"token {t} at position {i + 1}" for i, t in impossible)
         raise PluginContractError(plugin, "a lossless verifier commits only tokens the target can produce (p > 0)",
                                   f"{where} has p = 0 (accepted {accepted} of {drafted} drafts)", part)
+
+
+def check_tree_verdict(verdict: TreeVerdict, draft: Draft, vocab_size: int, plugin: str, part: str | None = None,
+                       p: torch.Tensor | None = None) -> None:
+    """The path runs down from the root through the tree; with `p` (K+1, V), the target can
+    produce every committed token (p > 0), as for a chain."""
+    if not isinstance(verdict, TreeVerdict):
+        raise PluginContractError(plugin, "verify_tree() returns a specframe.TreeVerdict",
+                                  f"got {type(verdict).__name__}", part)
+    path, token = verdict.path, verdict.next_token
+    K = len(draft)
+    if not isinstance(path, tuple) or not all(is_int(n) and 0 <= n < K for n in path) or (
+            path and path_to(draft.parents, path[-1]) != list(path)):
+        raise PluginContractError(plugin, "the accepted path runs from a child of the root down the tree",
+                                  f"path {path!r}, parents {draft.parents}", part)
+    if not is_int(token) or not 0 <= token < vocab_size:
+        raise PluginContractError(plugin, f"next token is an int in [0, {vocab_size})", f"got {token!r}", part)
+    if p is None:
+        return
+    rows = [0, *(node + 1 for node in path)]  # the row that scored each committed token
+    committed = [*(int(draft.tokens[n]) for n in path), int(token)]
+    impossible = [(i, t) for i, (row, t) in enumerate(zip(rows, committed)) if not float(p[row, t]) > 0]
+    if impossible:
+        where = ", ".join(f"token {t} at position {i + 1}" for i, t in impossible)
+        raise PluginContractError(plugin, "a lossless verifier commits only tokens the target can produce (p > 0)",
+                                  f"{where} has p = 0 (path {path})", part)
 
 
 def _describe(value) -> str:

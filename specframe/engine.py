@@ -19,12 +19,12 @@ from collections.abc import Generator
 import torch
 from attrs import define, field
 
-from .checks import check_draft, check_keep_drafting, check_verdict, clamp_draft_budget
+from .checks import check_draft, check_keep_drafting, check_tree_verdict, check_verdict, clamp_draft_budget
 from .errors import PluginContractError, SpecframeError
 from .interfaces import Controller, Drafter, Verifier, is_lossless
 from .sampling import Sampler
 from .target import TargetModel
-from .types import Draft, GenerationStats, RoundStats, Verdict, histogram
+from .types import Draft, GenerationStats, RoundStats, TreeVerdict, Verdict, histogram
 
 ON_ERROR_CHOICES = ("fail", "fallback")
 
@@ -107,16 +107,15 @@ def generate_tokens(
         draft = loop.draft(context, remaining - 1, sampler)
         drafted_at = time.perf_counter()
         # 3. Score [last token, d1..dK] with the target in one forward pass: p is (K+1, V).
+        #    A tree draft is scored in one pass too (docs/architecture.md, "A tree round").
         draft, p = loop.score(context, draft, sampler)
         verdict = loop.verify(context, draft, p, sampler)
         verified_at = time.perf_counter()
         # 4. Commit the accepted drafts plus one target token, checking EOS and length on each.
-        committed, finish = _commit(
-            [*draft.tokens[: verdict.accepted_length].tolist(), verdict.next_token], eos_token_ids, remaining
-        )
+        committed, finish = _commit(_accepted_tokens(draft, verdict), eos_token_ids, remaining)
         context += committed
         # 5. Roll back the target's and the drafter's caches to what was committed.
-        loop.rollback(context)
+        loop.rollback(context, verdict)
         # 6. Tell the controller what happened.
         round_stats = RoundStats(len(draft), verdict.accepted_length, draft.confidences,
                                  drafted_at - started, verified_at - drafted_at)
@@ -124,6 +123,13 @@ def generate_tokens(
         recorder.add(round_stats, len(committed))
         yield committed
     return recorder.finish(), finish
+
+
+def _accepted_tokens(draft: Draft, verdict: Verdict | TreeVerdict) -> list[int]:
+    """The accepted drafts (a prefix of a chain, a path of a tree) and the target's token."""
+    if isinstance(verdict, TreeVerdict):
+        return [*(int(draft.tokens[node]) for node in verdict.path), verdict.next_token]
+    return [*draft.tokens[: verdict.accepted_length].tolist(), verdict.next_token]
 
 
 def _commit(tokens: list[int], eos_token_ids: set[int], remaining: int) -> tuple[list[int], str | None]:
@@ -215,13 +221,14 @@ class _Loop:
         except Exception as exc:
             self.fault(exc, "drafter", "propose", context)
             return Draft.empty()
-        return draft
+        return draft if len(draft) or not draft.is_tree else Draft.empty()  # an empty tree is no draft
 
     def score(self, context: list[int], draft: Draft, sampler: Sampler) -> tuple[Draft, torch.Tensor]:
         """The target's p (K+1, V) for [last token, d1..dK], in one forward pass."""
         target = self.parts.target
         try:
-            logits = target.forward(torch.tensor([context[-1], *draft.tokens.tolist()]))
+            scored = torch.tensor([context[-1], *draft.tokens.tolist()])
+            logits = target.forward_tree(scored, draft.parents) if draft.is_tree else target.forward(scored)
         except PluginContractError as exc:  # the drafter ran the target's lower layers on other tokens
             plugin, part = self.parts.who("drafter")
             self.fault(PluginContractError(plugin, exc.rule, exc.detail, part), "drafter", "propose", context)
@@ -231,6 +238,8 @@ class _Loop:
     def verify(self, context: list[int], draft: Draft, p: torch.Tensor, sampler: Sampler) -> Verdict:
         if not len(draft):  # nothing to verify: the target's own token, as every lossless verifier gives
             return Verdict(0, sampler.sample(p[0]))
+        if draft.is_tree:
+            return self._verify_tree(context, draft, p, sampler)
         verifier = self.parts.verifier
         plugin, part = self.parts.who("verifier")
         lossless = is_lossless(verifier)
@@ -243,9 +252,27 @@ class _Loop:
             return Verdict(0, sampler.sample(p[0]))  # p_1 does not depend on the drafts (causal)
         return Verdict(int(verdict.accepted_length), int(verdict.next_token))
 
-    def rollback(self, context: list[int]) -> None:
+    def _verify_tree(self, context: list[int], draft: Draft, p: torch.Tensor, sampler: Sampler) -> TreeVerdict:
+        verifier = self.parts.verifier
+        plugin, part = self.parts.who("verifier")
+        try:
+            verify_tree = getattr(verifier, "verify_tree", None)
+            if verify_tree is None:
+                raise PluginContractError(plugin, "a verifier given a tree draft has verify_tree()",
+                                          f"{type(verifier).__name__} verifies chains only", part)
+            verdict = verify_tree(draft, p, sampler)
+            check_tree_verdict(verdict, draft, self.parts.target.vocab_size, plugin, part,
+                               p=p if is_lossless(verifier) else None)
+        except Exception as exc:
+            self.fault(exc, "verifier", "verify_tree", context, scored=True)
+            return TreeVerdict((), sampler.sample(p[0]))
+        return TreeVerdict(tuple(int(node) for node in verdict.path), int(verdict.next_token))
+
+    def rollback(self, context: list[int], verdict: Verdict | TreeVerdict | None = None) -> None:
         valid_length = len(context) - 1  # the last committed token is not yet in any cache
         target = self.parts.target
+        if isinstance(verdict, TreeVerdict):  # keep the accepted path of the tree, then cut as usual
+            target.keep_path(verdict.path)
         target.rollback(valid_length)
         if self.drafter is not None:
             try:

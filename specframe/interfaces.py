@@ -49,6 +49,7 @@ class Drafter:
 
         After each token call `controller.keep_drafting(i, confidence)` and stop when it says no.
         Return q (K, V) built with `sampler.probs`, or q=None if the drafter is deterministic.
+        A tree draft sets `Draft.parents` (K nodes, parents first; see `specframe.trees`).
         """
         raise NotImplementedError
 
@@ -57,7 +58,12 @@ class Drafter:
 
 
 class Verifier:
-    """Decides which drafts to keep, from the target's distributions p."""
+    """Decides which drafts to keep, from the target's distributions p.
+
+    A verifier that also verifies tree drafts has `verify_tree(draft, p, sampler) -> TreeVerdict`
+    (draft.parents set, p (K+1, V): row 0 after the last committed token, row i+1 after node i);
+    the engine faults a tree draft given to a verifier without it. The built-ins have it.
+    """
 
     lossless: ClassVar[bool] = True  # a lossy verifier must say False; the CLI then warns
 

@@ -22,7 +22,8 @@ from attrs import field, frozen
 
 from .checks import is_int
 from .errors import PluginContractError, SpecframeError
-from .kernels import FewRowKernels
+from .kernels import TREE_MASK_FLAG, FewRowKernels
+from .trees import tree_attention_mask, tree_positions
 
 _LAYERED_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
 
@@ -62,6 +63,14 @@ class KVCache:
 
     def length(self, layer_idx: int) -> int:
         return self.lengths.get(layer_idx, 0)
+
+    def keep(self, start: int, rows: torch.Tensor, layers: range) -> None:
+        """Move the entries at positions `rows` (n,) to start.. and forget the rest after them."""
+        end = start + rows.shape[0]
+        for layer_idx in layers:
+            for buffer in (self.keys[layer_idx], self.values[layer_idx]):
+                buffer[:, :, start:end] = buffer[:, :, rows]  # the index copies before it writes
+            self.lengths[layer_idx] = end
 
     def rewind(self, length: int, layers: range) -> None:
         for layer_idx in layers:
@@ -150,6 +159,7 @@ class TargetModel:
         self.split_from = 0  # states at the split are stored for positions split_from..
         self.final_hidden: torch.Tensor | None = None  # (S, C) last-layer features, kept if a split asks
         self.final_from: int | None = None  # None: not kept; else kept for positions final_from..
+        self.tree_start: int | None = None  # where the last tree pass began, until keep_path
 
     def enable_split(self, layer: int, final: bool = False) -> SplitView:
         """Let a drafter run layers [0, layer) ahead of verification (needs the layered path).
@@ -205,6 +215,56 @@ class TargetModel:
         return self.logits(hidden[-logits_to_keep:])
 
     @torch.inference_mode()
+    def forward_tree(self, ids: torch.Tensor, parents: tuple[int, ...]) -> torch.Tensor:
+        """Score a tree draft in one pass: (K+1,) ids = [root, node 0, ..., node K-1] with the
+        nodes' parents (K,) as in `specframe.trees`; return (K+1, V) logits.
+
+        Each token attends to the cache, its ancestors and itself, at position start + depth.
+        Every scored token is cached until `keep_path` keeps the root and the accepted path.
+        A drafter may have run a chain at the head of the tree (the root and nodes 0, 1, ... each
+        the child of the one before) through the lower layers already; those are reused.
+        """
+        if not self.layered:
+            raise SpecframeError(f"{type(self.model).__name__} is not a Llama-style decoder, so tree drafts "
+                                 "cannot be verified; draft a chain instead")
+        pending = len(self.lower_ids)
+        if pending and (ids[:pending].tolist() != self.lower_ids or tuple(parents[: pending - 1]) != tuple(
+                range(-1, pending - 2))):
+            raise PluginContractError("target", "the tokens run through the lower layers are the root and a "
+                                      "chain of the tree's first nodes", f"lowered {self.lower_ids}, parents {parents}")
+        start = self.length
+        mask = tree_attention_mask(parents, start, self.device)  # (1, 1, K+1, start+K+1)
+        positions = tree_positions(parents, start, self.device)  # (1, K+1)
+        hidden = self.model.model.embed_tokens(ids[pending:].to(self.device)[None])[0]  # (K+1-pending, C)
+        first = 0
+        if self.split_layer:  # keep the states at the split, as a chain pass does
+            if pending < len(ids):
+                lowered = self._run_layers(hidden, 0, self.split_layer, start + pending, mask=mask[:, :, pending:],
+                                           positions=positions[:, pending:])
+                self._store_split_hidden(lowered, start + pending)
+            hidden = self.split_hidden[start : start + len(ids)]
+            first = self.split_layer
+        hidden = self._run_layers(hidden, first, self.num_layers, start, mask=mask, positions=positions)
+        self.ids += ids.tolist()
+        self.lower_ids = []
+        self.length += hidden.shape[0]
+        self.tree_start = start
+        return self.logits(hidden)
+
+    @torch.inference_mode()
+    def keep_path(self, path: tuple[int, ...]) -> None:
+        """After `forward_tree`, keep the root and the nodes of `path` (root first), compacted
+        to consecutive positions in every layer (and at the split); forget the other nodes."""
+        assert self.tree_start is not None, "keep_path follows forward_tree"
+        start, self.tree_start = self.tree_start, None
+        rows = torch.tensor([start, *(start + 1 + node for node in path)], device=self.device)
+        self.cache.keep(start, rows, range(self.num_layers))
+        if self.split_layer and self.split_hidden is not None:
+            self.split_hidden[start : start + rows.shape[0]] = self.split_hidden[rows]
+        self.ids = self.ids[:start] + [self.ids[r] for r in rows.tolist()]
+        self.length = start + rows.shape[0]
+
+    @torch.inference_mode()
     def _lower(self, ids: torch.Tensor) -> torch.Tensor:
         """Run (T,) tokens through layers [0, split); return their (T, C) hidden states."""
         start = self.length + len(self.lower_ids)
@@ -253,19 +313,23 @@ class TargetModel:
         return self._run_layers(hidden, first, last, start, cache)
 
     def _run_layers(self, hidden: torch.Tensor, first: int, last: int, start: int,
-                    cache: KVCache | None = None) -> torch.Tensor:
+                    cache: KVCache | None = None, mask: torch.Tensor | None = None,
+                    positions: torch.Tensor | None = None) -> torch.Tensor:
         """Run (T, C) hidden states at positions start.. through layers [first, last), caching
-        their keys and values in `cache` (default: the target's own)."""
+        their keys and values in `cache` (default: the target's own). A tree pass gives its own
+        `mask` (1, 1, T, start + T) and `positions` (1, T); the default is the causal chain."""
         T = hidden.shape[0]
         inner = self.model.model
-        position_ids = torch.arange(start, start + T, device=self.device)[None]
+        position_ids = torch.arange(start, start + T, device=self.device)[None] if positions is None else positions
         x = hidden[None]  # (1, T, C)
         rope = inner.rotary_emb(x, position_ids=position_ids)
-        mask = causal_mask(T, start, self.device)
+        tree = {} if mask is None else {TREE_MASK_FLAG: True}  # the few-row attention must read this mask
+        mask = causal_mask(T, start, self.device) if mask is None else mask
         with self.kernels:
             for layer in inner.layers[first:last]:
                 x = layer(x, attention_mask=mask, position_ids=position_ids,
-                          cache=self.cache if cache is None else cache, use_cache=True, position_embeddings=rope)
+                          cache=self.cache if cache is None else cache, use_cache=True, position_embeddings=rope,
+                          **tree)
         return x[0]
 
     def _store_split_hidden(self, hidden: torch.Tensor, start: int) -> None:
@@ -288,6 +352,7 @@ class TargetModel:
         self.length = min(self.length, length)
         self.ids = self.ids[: self.length]
         self.split_from = min(self.split_from, length)
+        self.tree_start = None
         if self.layered:
             self.cache.rewind(length, range(self.num_layers))
             return

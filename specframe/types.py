@@ -53,11 +53,22 @@ class SamplingConfig:
 
 @frozen
 class Draft:
-    """What a drafter proposes in one round."""
+    """What a drafter proposes in one round: a chain, or a tree when `parents` is given.
+
+    A tree lists its nodes so that a parent comes before its children; `parents[i]` is the
+    index of node i's parent, -1 for a child of the last committed token. The chain is the tree
+    (-1, 0, 1, ...). For a tree, q[i] is the distribution node i was drawn from given its path
+    and its earlier siblings (see docs/plugins.md, "Tree drafts").
+    """
 
     tokens: torch.Tensor = field(eq=False, repr=False)  # (K,) int64
     q: torch.Tensor | None = field(default=None, eq=False, repr=False)  # (K, V) or None = one-hot
     confidences: tuple[float, ...] = ()  # drafter's own confidence per token (max of q)
+    parents: tuple[int, ...] | None = None  # None = a chain; else one parent index per token
+
+    @property
+    def is_tree(self) -> bool:
+        return self.parents is not None
 
     @classmethod
     def empty(cls) -> "Draft":
@@ -73,6 +84,19 @@ class Verdict:
 
     accepted_length: int = field(validator=v.ge(0))
     next_token: int = field(validator=v.ge(0))  # correction at the first rejection, else bonus
+
+
+@frozen
+class TreeVerdict:
+    """A verifier's decision on a tree: the accepted path (node indices, root first), plus the
+    one extra target token after its last node."""
+
+    path: tuple[int, ...]
+    next_token: int = field(validator=v.ge(0))
+
+    @property
+    def accepted_length(self) -> int:
+        return len(self.path)
 
 
 @frozen

@@ -5,7 +5,7 @@ from __future__ import annotations
 from attrs import frozen
 
 from specframe.interfaces import Verifier
-from specframe.types import Verdict
+from specframe.types import TreeVerdict, Verdict
 
 
 @frozen
@@ -21,5 +21,11 @@ class GreedyVerifier(Verifier):
         mismatches = (draft_tokens != target_tokens[:K]).nonzero()
         accepted_length = int(mismatches[0]) if len(mismatches) else K
         return Verdict(accepted_length, int(target_tokens[accepted_length]))
+
+    def verify_tree(self, draft, p, sampler) -> TreeVerdict:
+        """The longest path of the tree whose tokens are the target's argmax; p (K+1, V)."""
+        from .tree import greedy_tree_step
+
+        return greedy_tree_step(draft.parents, draft.tokens, p)
 
 

@@ -10,7 +10,7 @@ import torch
 from attrs import frozen
 
 from specframe.interfaces import Verifier
-from specframe.types import Verdict
+from specframe.types import TreeVerdict, Verdict
 
 from .greedy import GreedyVerifier
 
@@ -56,6 +56,12 @@ class SpeculativeSamplingVerifier(Verifier):
         uniforms = _LazyUniforms(sampler)
         return speculative_step(draft_tokens, q, p, uniforms, sampler.sample)
 
+    def verify_tree(self, draft, p, sampler) -> TreeVerdict:
+        """Recursive rejection sampling down a tree draft (`verifiers.tree`); p (K+1, V)."""
+        from .tree import tree_speculative_step
+
+        return tree_speculative_step(draft.parents, draft.tokens, draft.q, p, _LazyUniforms(sampler), sampler.sample)
+
 
 class _LazyUniforms:
     """Draw a uniform only when the chain reaches that position."""
@@ -74,3 +80,7 @@ class AutoVerifier(Verifier):
     def verify(self, draft_tokens, q, p, sampler) -> Verdict:
         chosen = GreedyVerifier() if sampler.greedy else SpeculativeSamplingVerifier()
         return chosen.verify(draft_tokens, q, p, sampler)
+
+    def verify_tree(self, draft, p, sampler) -> TreeVerdict:
+        chosen = GreedyVerifier() if sampler.greedy else SpeculativeSamplingVerifier()
+        return chosen.verify_tree(draft, p, sampler)
