@@ -19,6 +19,8 @@ from specframe.trees import chain_parents, children, depths, path_to, without_re
 from specframe.types import SamplingConfig
 from specframe.verifiers.tree import greedy_tree_step, tree_speculative_step
 
+from .exact_draws import enumerate_outcomes
+
 SHAPES = {
     "chain": chain_parents(2),
     "star": (-1, -1, -1),
@@ -27,58 +29,13 @@ SHAPES = {
 }
 
 
-class _Branch(Exception):
-    pass
-
-
-class _Script:
-    """Replays a list of choices; records the probability of the path taken."""
-
-    def __init__(self, choices):
-        self.choices, self.position, self.probability, self.options = list(choices), 0, 1.0, None
-
-    def take(self, options):  # options: list of (value, probability)
-        if self.position == len(self.choices):
-            self.options = options
-            raise _Branch
-        value, probability = options[self.choices[self.position]]
-        self.position += 1
-        self.probability *= probability
-        return value
-
-
-class _Uniform:
-    def __init__(self, script):
-        self.script = script
-
-    def __lt__(self, threshold):
-        t = float(threshold)
-        return self.script.take([(True, t), (False, 1.0 - t)])
-
-
-class _Uniforms:
-    def __init__(self, script):
-        self.uniform = _Uniform(script)
-
-    def __getitem__(self, index):
-        return self.uniform
-
-
 def enumerate_tree_verdicts(parents, tokens, q, p, step=tree_speculative_step):
     """Every (path, next_token) of `step` with its exact probability."""
-    outcomes, stack = {}, [[]]
-    while stack:
-        choices = stack.pop()
-        script = _Script(choices)
-        sample = lambda dist: script.take([(i, float(x)) for i, x in enumerate(dist)])  # noqa: E731
-        try:
-            verdict = step(parents, tokens, q, p, _Uniforms(script), sample)
-        except _Branch:
-            stack += [choices + [i] for i, (_, prob) in enumerate(script.options) if prob > 0]
-            continue
-        key = (verdict.path, verdict.next_token)
-        outcomes[key] = outcomes.get(key, 0.0) + script.probability
-    return outcomes
+    def run(uniforms, sample):
+        verdict = step(parents, tokens, q, p, uniforms, sample)
+        return verdict.path, verdict.next_token
+
+    return enumerate_outcomes(run)
 
 
 def distribution_table(seed: int, V: int, temperature: float, zeros: bool):

@@ -17,52 +17,16 @@ from hypothesis import given, settings, strategies as st
 from specframe.verifiers.greedy import GreedyVerifier
 from specframe.verifiers.speculative import residual_distribution, speculative_step
 
-
-class _Branch(Exception):
-    pass
-
-
-class _Script:
-    """Replays a list of choices; records the probability of the path taken."""
-
-    def __init__(self, choices):
-        self.choices, self.position, self.probability, self.options = list(choices), 0, 1.0, None
-
-    def _take(self, options):  # options: list of (value, probability)
-        if self.position == len(self.choices):
-            self.options = options
-            raise _Branch
-        value, probability = options[self.choices[self.position]]
-        self.position += 1
-        self.probability *= probability
-        return value
-
-
-class _Uniform:
-    def __init__(self, script):
-        self.script = script
-
-    def __lt__(self, threshold):
-        t = float(threshold)
-        return self.script._take([(True, t), (False, 1.0 - t)])
+from .exact_draws import enumerate_outcomes
 
 
 def enumerate_verdicts(draft_tokens, q, p):
     """Every (accepted_length, next_token) of speculative_step with its exact probability."""
-    outcomes, stack = {}, [[]]
-    while stack:
-        choices = stack.pop()
-        script = _Script(choices)
-        uniforms = [_Uniform(script)] * draft_tokens.shape[0]
-        sample = lambda dist: script._take([(i, float(x)) for i, x in enumerate(dist)])  # noqa: E731
-        try:
-            verdict = speculative_step(draft_tokens, q, p, uniforms, sample)
-        except _Branch:
-            stack += [choices + [i] for i, (_, prob) in enumerate(script.options) if prob > 0]
-            continue
-        key = (verdict.accepted_length, verdict.next_token)
-        outcomes[key] = outcomes.get(key, 0.0) + script.probability
-    return outcomes
+    def step(uniforms, sample):
+        verdict = speculative_step(draft_tokens, q, p, uniforms, sample)
+        return verdict.accepted_length, verdict.next_token
+
+    return enumerate_outcomes(step)
 
 
 def random_table(seed: int, V: int, peaked: bool):
