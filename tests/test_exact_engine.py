@@ -169,7 +169,7 @@ def test_an_engine_whose_rollback_is_off_by_one_is_rejected(monkeypatch, offset)
     untouched by drafting, the cache length) or the exact distribution reject it."""
     from specframe.errors import PluginContractError
 
-    def rollback_off_by_one(self, context):
+    def rollback_off_by_one(self, context, verdict=None):
         valid_length = len(context) - 1 + offset  # the bug
         self.parts.target.rollback(min(valid_length, self.parts.target.length))
         if self.drafter is not None:
