@@ -8,6 +8,8 @@ verifiers do.
 
 from __future__ import annotations
 
+import pytest
+
 
 class _Branch(Exception):
     """Raised at the first draw beyond the scripted choices."""
@@ -62,3 +64,25 @@ def enumerate_outcomes(step) -> dict:
             continue
         outcomes[outcome] = outcomes.get(outcome, 0.0) + script.probability
     return outcomes
+
+
+def complete(joint, prefix, weight, p_of, length):
+    """Add to `joint` every continuation of `prefix` to `length` tokens, weighted by the target's p."""
+    if len(prefix) == length:
+        joint[prefix] = joint.get(prefix, 0.0) + weight
+        return
+    for token, prob in enumerate(p_of(prefix).tolist()):
+        if prob > 0:
+            complete(joint, prefix + (token,), weight * prob, p_of, length)
+
+
+def target_joint(p_of, length):
+    """The target's own distribution over sequences of `length` tokens."""
+    joint = {}
+    complete(joint, (), 1.0, p_of, length)
+    return joint
+
+
+def assert_same(a, b):
+    for key in set(a) | set(b):
+        assert a.get(key, 0.0) == pytest.approx(b.get(key, 0.0), abs=1e-9), key

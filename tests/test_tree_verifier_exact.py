@@ -19,7 +19,7 @@ from specframe.trees import chain_parents, children, depths, path_to, without_re
 from specframe.types import SamplingConfig
 from specframe.verifiers.tree import greedy_tree_step, tree_speculative_step
 
-from .exact_draws import enumerate_outcomes
+from .exact_draws import assert_same, complete, enumerate_outcomes, target_joint
 
 SHAPES = {
     "chain": chain_parents(2),
@@ -103,28 +103,8 @@ def tree_round_joint(parents, p_of, q_of, V, scheme, step=tree_speculative_step)
         token_tensor = torch.tensor(tokens, dtype=torch.long)
         for (path, token), prob in enumerate_tree_verdicts(parents, token_tensor, q, p, step).items():
             committed = tuple(tokens[n] for n in path) + (token,)
-            _complete(joint, committed, weight * prob, p_of, length)
+            complete(joint, committed, weight * prob, p_of, length)
     return joint
-
-
-def _complete(joint, prefix, weight, p_of, length):
-    if len(prefix) == length:
-        joint[prefix] = joint.get(prefix, 0.0) + weight
-        return
-    for token, prob in enumerate(p_of(prefix).tolist()):
-        if prob > 0:
-            _complete(joint, prefix + (token,), weight * prob, p_of, length)
-
-
-def target_joint(p_of, length):
-    joint = {}
-    _complete(joint, (), 1.0, p_of, length)
-    return joint
-
-
-def assert_same(a, b):
-    for key in set(a) | set(b):
-        assert a.get(key, 0.0) == pytest.approx(b.get(key, 0.0), abs=1e-9), key
 
 
 def _tables(seed, V, temperature, scheme):

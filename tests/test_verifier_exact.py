@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 from specframe.verifiers.greedy import GreedyVerifier
 from specframe.verifiers.speculative import residual_distribution, speculative_step
 
-from .exact_draws import enumerate_outcomes
+from .exact_draws import assert_same, complete, enumerate_outcomes, target_joint
 
 
 def enumerate_verdicts(draft_tokens, q, p):
@@ -61,41 +61,21 @@ def speculative_joint(p_of, q_of, K, V):
 def _add_round(joint, drafts, q, weight, p_of, K):
     p = torch.stack([p_of(drafts[:i]) for i in range(K + 1)])
     for (a, token), prob in enumerate_verdicts(torch.tensor(drafts, dtype=torch.long), q, p).items():
-        _complete(joint, drafts[:a] + (token,), weight * prob, p_of, K + 1)
-
-
-def _complete(joint, prefix, weight, p_of, length):
-    if len(prefix) == length:
-        joint[prefix] = joint.get(prefix, 0.0) + weight
-        return
-    for token, prob in enumerate(p_of(prefix).tolist()):
-        if prob > 0:
-            _complete(joint, prefix + (token,), weight * prob, p_of, length)
-
-
-def target_joint(p_of, V, length):
-    joint = {}
-    _complete(joint, (), 1.0, p_of, length)
-    return joint
-
-
-def assert_same(a, b):
-    for key in set(a) | set(b):
-        assert a.get(key, 0.0) == pytest.approx(b.get(key, 0.0), abs=1e-9), key
+        complete(joint, drafts[:a] + (token,), weight * prob, p_of, K + 1)
 
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), V=st.integers(2, 16), peaked=st.booleans())
 def test_single_step_outcome_is_exactly_p(seed, V, peaked):
     p_of, q_of = random_table(seed, V, peaked), random_table(seed + 1, V, not peaked)
-    assert_same(speculative_joint(p_of, q_of, 1, V), target_joint(p_of, V, 2))
+    assert_same(speculative_joint(p_of, q_of, 1, V), target_joint(p_of, 2))
 
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), V=st.integers(2, 5), K=st.integers(2, 3), peaked=st.booleans())
 def test_chain_of_k_drafts_is_exactly_the_target_joint(seed, V, K, peaked):
     p_of, q_of = random_table(seed, V, peaked), random_table(seed + 7, V, peaked)
-    assert_same(speculative_joint(p_of, q_of, K, V), target_joint(p_of, V, K + 1))
+    assert_same(speculative_joint(p_of, q_of, K, V), target_joint(p_of, K + 1))
 
 
 @settings(max_examples=25, deadline=None)
@@ -106,7 +86,7 @@ def test_deterministic_drafter_one_hot_q_is_exact(seed, V, K):
     drafts = tuple((seed // (i + 1)) % V for i in range(K))
     joint = {}
     _add_round(joint, drafts, None, 1.0, p_of, K)
-    assert_same(joint, target_joint(p_of, V, K + 1))
+    assert_same(joint, target_joint(p_of, K + 1))
 
 
 def test_zero_residual_mass_falls_back_to_p():
@@ -140,7 +120,7 @@ def test_the_exact_check_catches_a_broken_verifier(monkeypatch):
     monkeypatch.setattr(module, "residual_distribution", lambda p_i, q_i: p_i)
     p_of, q_of = random_table(3, 4, False), random_table(4, 4, True)
     with pytest.raises(AssertionError):
-        assert_same(speculative_joint(p_of, q_of, 1, 4), target_joint(p_of, 4, 2))
+        assert_same(speculative_joint(p_of, q_of, 1, 4), target_joint(p_of, 2))
 
 
 @settings(max_examples=50, deadline=None)
