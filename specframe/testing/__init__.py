@@ -23,12 +23,14 @@ chi-square instead, and the report says so and states the test's power.
   an int in [0, cap], keep_drafting a bool, update takes any RoundStats (controller); verdicts
   are in range and follow the greedy rule at temperature 0 (verifier). The engine's own checks
   (`specframe.checks`) do the checking.
-- q_sampling: at a fixed state, every possible draft chain has exactly the probability the
-  reported q gives it; a drafter that returns q=None (one-hot) drafts one chain whatever the draws;
+- q_sampling: at a fixed state, every possible draft chain (or tree) has exactly the probability
+  the reported q gives it; a drafter that returns q=None (one-hot) drafts one draft whatever the
+  draws; for a tree, each node's q equals its token's exact distribution given the nodes listed
+  before it (`specframe.testing.trees`);
 - rounds (verifier): one round of K = 1..3 drafts, every draw enumerated, then completed by the
   target, gives exactly the target's joint distribution (Leviathan et al. 2023, Theorem 1);
-- rollback: during a generation with random rejections, every draft equals the one a fresh
-  drafter makes from the committed tokens alone;
+- rollback: during a generation with random rejections (random accepted paths for a tree), every
+  draft (tokens and parents) equals the one a fresh drafter makes from the committed tokens alone;
 - greedy: the engine's tokens equal plain greedy decoding (a full forward pass per token);
 - sampling: the exact distribution of whole generations through the engine equals plain sampling's.
 

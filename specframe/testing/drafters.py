@@ -22,6 +22,7 @@ from .exact import NotEnumerable, enumerate_outcomes
 from .report import CheckFailed, CheckSkipped, ConformanceReport, run_checks, single_thread
 from .stats import expect_fit
 from .toys import ChaosVerifier, KitController, ScriptedController, SpyDrafter, TableLM, tiny_llama
+from .trees import check_node_conditionals, depth_of, describe_draft, draft_key
 
 
 class Harness:
@@ -47,12 +48,15 @@ class Harness:
 
 
 def model_for(make: Callable[[], Drafter], settings: KitSettings) -> tuple[object, str]:
-    """The table LM when the drafter can run on it (fast, float64, exact), else the tiny Llama."""
+    """The table LM when the drafter can run on it (fast, float64, exact), else the tiny Llama
+    (also for tree drafts: only a Llama-style target verifies them)."""
     table = TableLM.random(settings.vocab_size, settings.seed, min_support=2)
     try:
         with single_thread():
             harness = Harness(table, make(), greedy_prompt(table), settings.sampling)
-            harness.propose(settings.max_draft, KitController(settings.max_draft), settings.sampling)
+            draft = harness.propose(settings.max_draft, KitController(settings.max_draft), settings.sampling)
+        if isinstance(draft, Draft) and draft.is_tree:
+            return tiny_llama(settings.vocab_size, seed=settings.seed), "tiny Llama (tree drafts need a Llama-style target)"
         return table, "table LM"
     except Exception as exc:
         llama = tiny_llama(settings.vocab_size, seed=settings.seed)
@@ -60,7 +64,8 @@ def model_for(make: Callable[[], Drafter], settings: KitSettings) -> tuple[objec
 
 
 def drafter_contract(make, model, settings: KitSettings, name: str) -> str:
-    """Shapes, token range, q rows, confidences, budgets and the controller's stop, greedy and sampled."""
+    """Shapes, token range, q rows, confidences, budgets and the controller's stop, greedy and sampled.
+    A tree's parents are checked too, and the controller's stop bounds its depth (not its nodes)."""
     prompt = greedy_prompt(model)
     lengths = []
     for config in (SamplingConfig(0.0, seed=settings.seed), settings.sampling):
@@ -72,13 +77,15 @@ def drafter_contract(make, model, settings: KitSettings, name: str) -> str:
             lengths.append(len(draft))
         draft = harness.propose(settings.max_draft, KitController(settings.max_draft, stop_after=1), config)
         check_draft(draft, settings.max_draft, V, name)
-        if len(draft) > 1:
-            raise CheckFailed(f"drafted {len(draft)} tokens although controller.keep_drafting(1, ...) returned False")
+        if depth_of(draft) > 1:
+            what = "tokens" if draft.parents is None else "levels deep (a tree's depth)"
+            raise CheckFailed(f"drafted {depth_of(draft)} {what} although controller.keep_drafting(1, ...) returned False")
     return f"draft lengths {lengths} for budgets (1, 2, {settings.max_draft}), greedy then sampled"
 
 
 def drafter_q(make, model, settings: KitSettings, name: str) -> str:
-    """At one state, P(drafts) = the product of the reported q rows, for every possible draft chain."""
+    """At one state, P(drafts) = the product of the reported q rows, for every possible draft chain
+    or tree; for a tree also each node's q given the nodes listed before it (`testing.trees`)."""
     notes = []
     for config in settings.samplings:
         try:
@@ -89,31 +96,41 @@ def drafter_q(make, model, settings: KitSettings, name: str) -> str:
 
 
 def _exact_q(make, model, config: SamplingConfig, settings: KitSettings, name: str) -> str:
-    K, prompt, claimed, dtypes = settings.max_draft, greedy_prompt(model), {}, set()
+    K, prompt, claimed, rows, dtypes = settings.max_draft, greedy_prompt(model), {}, {}, set()
 
-    def run(sampler) -> tuple[int, ...]:
+    def run(sampler) -> tuple:
         harness = Harness(model, make(), prompt, config)  # the first token is seeded, the same each replay
         draft = harness.propose(K, KitController(K), sampler)
         check_draft(draft, K, harness.target.vocab_size, name)
-        tokens = tuple(draft.tokens.tolist())
+        key = draft_key(draft)
         if draft.q is not None:
             dtypes.add(draft.q.dtype)
             q = draft.q.double().cpu()
-            claimed[tokens] = float(torch.prod(q[torch.arange(len(tokens)), draft.tokens.cpu()]))
-        return tokens
+            claimed[key] = float(torch.prod(q[torch.arange(len(draft)), draft.tokens.cpu()]))
+            rows[key] = q
+        return key
 
     drafted = enumerate_outcomes(run, config, settings.max_replays)
+    shape = "trees" if any(parents is not None for _, parents in drafted) else "chains"
     if not claimed:  # q=None: one-hot, so the drafts must not depend on any draw
         if len(drafted) > 1:
+            shown = [describe_draft(key) for key in list(drafted)[:3]]
             raise CheckFailed(f"{describe(config)}: it returned q=None (one-hot, no randomness) but drafts "
-                              f"{len(drafted)} different chains from the same state, e.g. {list(drafted)[:3]}")
-        return f"{describe(config)}: q=None, one draft chain"
+                              f"{len(drafted)} different {shape} from the same state, e.g. {shown}")
+        return f"{describe(config)}: q=None, one draft {shape[:-1]}"
     tolerance = settings.tolerance if dtypes <= {torch.float64} else max(settings.tolerance, FLOAT32_TOLERANCE)
     worst = max(drafted, key=lambda t: abs(drafted[t] - claimed.get(t, 0.0)))
     if abs(drafted[worst] - claimed.get(worst, 0.0)) > tolerance:
-        raise CheckFailed(f"{describe(config)}: it drafts {list(worst)} with probability {drafted[worst]:.10f}, but "
-                          f"its q gives that chain {claimed.get(worst, 0.0):.10f} (exact, by enumerating its draws)")
-    return f"{describe(config)}: exact over {len(drafted)} draft chains"
+        raise CheckFailed(f"{describe(config)}: it drafts {describe_draft(worst)} with probability "
+                          f"{drafted[worst]:.10f}, but its q gives that draft {claimed.get(worst, 0.0):.10f} "
+                          "(exact, by enumerating its draws)")
+    if shape == "chains":
+        return f"{describe(config)}: exact over {len(drafted)} draft chains"
+    try:
+        nodes = check_node_conditionals(drafted, rows, tolerance)
+    except CheckFailed as failure:
+        raise CheckFailed(f"{describe(config)}: {failure}") from None
+    return f"{describe(config)}: exact over {len(drafted)} draft trees, each node's q given the nodes before it ({nodes})"
 
 
 def _sampled_q(make, model, config: SamplingConfig, settings: KitSettings, name: str, why) -> str:
@@ -128,13 +145,13 @@ def _sampled_q(make, model, config: SamplingConfig, settings: KitSettings, name:
         draft = harness.propose(K, KitController(K), attrs.evolve(config, seed=config.seed + 1 + i))
         check_draft(draft, K, V, name)
         if draft.q is None:
-            deterministic[tuple(draft.tokens.tolist())] += 1
+            deterministic[draft_key(draft)] += 1
             continue
-        for position, token in enumerate(draft.tokens.tolist()):
+        for position, token in enumerate(draft.tokens.tolist()):  # a tree's nodes in the order listed
             observed[position][token] += 1
             expected[position] += draft.q[position].double().cpu()
     if len(deterministic) > 1:
-        shown = ", ".join(f"{list(k)} x{c}" for k, c in deterministic.most_common(3))
+        shown = ", ".join(f"{describe_draft(k)} x{c}" for k, c in deterministic.most_common(3))
         raise CheckFailed(f"it returned q=None (a one-hot q, so no randomness) but drafted different tokens "
                           f"from the same state under different seeds: {shown}")
     notes = [f"q=None drafts identical over {sum(deterministic.values())} seeds"] if deterministic else []
@@ -149,7 +166,8 @@ def _sampled_q(make, model, config: SamplingConfig, settings: KitSettings, name:
 
 
 def drafter_rollback(make, model, settings: KitSettings, names: dict, replays: int = 24) -> str:
-    """Run a generation with random rejections, then replay each round on a fresh drafter."""
+    """Run a generation with random rejections (random accepted paths for a tree), then replay each
+    round on a fresh drafter: the same draft (tokens and, for a tree, parents) must come back."""
     prompt = greedy_prompt(model)
     spy = SpyDrafter(make())
     generate(TargetModel(model), spy, KitController(settings.max_draft), ChaosVerifier(random.Random(settings.seed)),
@@ -162,14 +180,15 @@ def drafter_rollback(make, model, settings: KitSettings, names: dict, replays: i
         fresh.begin(target, list(prompt), greedy)
         if len(context) - 1 > len(prompt):
             target.forward(torch.tensor(context[len(prompt) : -1]))
-        again = fresh.propose(list(context), budget, KitController(budget), greedy).tokens.tolist()
+        again = draft_key(fresh.propose(list(context), budget, KitController(budget), greedy))
         if again != drafted:
             raise CheckFailed(
-                f"after the engine's rollbacks, with {len(context)} tokens committed, it drafted {drafted}, but a "
-                f"fresh drafter given the same committed tokens drafts {again}: its state kept rejected tokens"
+                f"after the engine's rollbacks, with {len(context)} tokens committed, it drafted "
+                f"{describe_draft(drafted)}, but a fresh drafter given the same committed tokens drafts "
+                f"{describe_draft(again)}: its state kept rejected tokens"
             )
     rounds = len(spy.calls)
-    drafted_total = sum(len(d) for _, _, d in spy.calls)
+    drafted_total = sum(len(d[0]) for _, _, d in spy.calls)
     return f"{min(rounds, replays)} of {rounds} rounds replayed ({drafted_total} drafts, random rejections)"
 
 

@@ -9,7 +9,8 @@ import torch
 from attrs import define, field
 
 from ..interfaces import Controller, Drafter, Verifier
-from ..types import Draft, Verdict
+from ..trees import ROOT, path_to
+from ..types import Draft, TreeVerdict, Verdict
 
 VOCAB_SIZE = 16  # the vocabulary of the kit's toy models, so parts can be swapped between them
 
@@ -171,9 +172,15 @@ class ChaosVerifier(Verifier):
         accepted = self.rng.randint(0, draft_tokens.shape[0])
         return Verdict(accepted, self.rng.randrange(p.shape[-1]))  # a random correction
 
+    def verify_tree(self, draft, p, sampler) -> TreeVerdict:
+        """A random accepted path (to a random node, or none), so branches off the tree's first
+        chain are accepted too, and a random token after it."""
+        last = self.rng.randrange(-1, len(draft))
+        return TreeVerdict(tuple(path_to(draft.parents, last)) if last != ROOT else (), self.rng.randrange(p.shape[-1]))
+
 
 class SpyDrafter(Drafter):
-    """Records every proposal of the drafter it wraps: (context, max_tokens, drafted tokens)."""
+    """Records every proposal of the drafter it wraps: (context, max_tokens, (tokens, parents))."""
 
     def __init__(self, inner: Drafter):
         self.inner, self.calls = inner, []
@@ -183,7 +190,7 @@ class SpyDrafter(Drafter):
 
     def propose(self, context, max_tokens, controller, sampler) -> Draft:
         draft = self.inner.propose(context, max_tokens, controller, sampler)
-        self.calls.append((list(context), max_tokens, draft.tokens.tolist()))
+        self.calls.append((list(context), max_tokens, (tuple(draft.tokens.tolist()), draft.parents)))
         return draft
 
     def rollback(self, valid_length: int) -> None:
