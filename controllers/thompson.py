@@ -67,7 +67,9 @@ from specframe.interfaces import Controller
 from specframe.types import RoundStats
 
 from .options import int_in, is_bool, number_in, one_of, parse_costs, positive_costs
+from .posterior import BetaBank
 from .simple import BUILTIN_MAX_K
+from .tree_sizing import MAX_TREE_WIDTH, TreeSizer
 
 DEFAULT_MAX_K = 8
 DEFAULT_DISCOUNT = 0.98
@@ -76,39 +78,6 @@ RESAMPLE_CHOICES = ("token", "round")
 # from the rounds measured (`specframe costs` measures a machine's table; docs/controllers.md, "Costs").
 NEUTRAL_VERIFY_COSTS = ()  # none: v(k) is learned as a line a + b·k from the measured rounds
 NEUTRAL_DRAFT_COST = 0.0
-
-
-# ---- the posterior --------------------------------------------------------------------------
-@define
-class BetaBank:
-    """Independent Beta(α_b, β_b) posteriors, one per bin, each forgetting toward its prior."""
-
-    prior_alpha: tuple[float, ...]
-    prior_beta: tuple[float, ...]
-    alpha: list[float] = field(init=False)
-    beta: list[float] = field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        assert len(self.prior_alpha) == len(self.prior_beta), "one prior α and one prior β per bin"
-        self.alpha, self.beta = list(self.prior_alpha), list(self.prior_beta)
-
-    def decay(self, discount: float) -> None:
-        """Shrink all evidence toward the prior: α ← α₀ + γ (α − α₀), likewise β."""
-        for b, (alpha0, beta0) in enumerate(zip(self.prior_alpha, self.prior_beta)):
-            self.alpha[b] = alpha0 + discount * (self.alpha[b] - alpha0)
-            self.beta[b] = beta0 + discount * (self.beta[b] - beta0)
-
-    def observe(self, b: int, accepted: bool) -> None:
-        if accepted:
-            self.alpha[b] += 1.0
-        else:
-            self.beta[b] += 1.0
-
-    def mean(self, b: int = 0) -> float:
-        return self.alpha[b] / (self.alpha[b] + self.beta[b])
-
-    def sample(self, rng: random.Random, b: int = 0) -> float:
-        return rng.betavariate(self.alpha[b], self.beta[b])
 
 
 def judged_positions(drafted: int, accepted: int) -> list[bool]:
@@ -144,7 +113,7 @@ class ThompsonBase(Controller):
 
     def _observations(self, round_stats: RoundStats) -> list[tuple[int, bool]]:
         """(bin, accepted?) for each judged draft position."""
-        return [(0, ok) for ok in judged_positions(round_stats.drafted, round_stats.accepted)]
+        return [(0, ok) for ok in judged_positions(round_stats.depth, round_stats.accepted)]
 
     def begin(self) -> None:
         if not self.persist:
@@ -240,7 +209,7 @@ class CalibratedThompsonController(StoppingThompson):
         return super().keep_drafting(drafted, confidence)
 
     def _observations(self, round_stats: RoundStats) -> list[tuple[int, bool]]:
-        judged = judged_positions(round_stats.drafted, round_stats.accepted)
+        judged = judged_positions(round_stats.depth, round_stats.accepted)
         confidences = round_stats.confidences
         if len(confidences) < len(judged):
             confidences = self.seen_confidences
@@ -274,6 +243,13 @@ class CostAwareThompsonController(ThompsonBase):
     priced by the trend or the table and tried ones by their measurements. With min_k = 0 it may
     decode plainly for a while when drafting does not pay; forgetting widens the posterior again,
     and then it tries drafting anew. Engine time outside drafting and verifying is not counted.
+
+    With `max_width` W > 1 it also sizes token trees (controllers/tree_sizing.py): it plans a
+    depth k and a width w <= W per round, `max_draft()` returns the k·w nodes, `tree_width()` the
+    width (drafters that draft trees, such as `early_exit`, follow it) and `keep_drafting` stops
+    the chain at depth k; v is then measured per number of nodes verified. With W = 1 (the
+    default) it plans chains exactly as before and `tree_width()` is None, so a tree drafter
+    keeps its own width.
     """
 
     min_k: int = field(default=0, validator=int_in(0, BUILTIN_MAX_K))
@@ -284,7 +260,9 @@ class CostAwareThompsonController(ThompsonBase):
         default=NEUTRAL_VERIFY_COSTS, converter=parse_costs, validator=positive_costs
     )
     cost_prior_weight: float = field(default=2.0, validator=number_in(0.0, 1e6, low_open=True))
-    planned: int = field(init=False, default=0)  # k chosen for the current round
+    max_width: int = field(default=1, validator=int_in(1, MAX_TREE_WIDTH))  # > 1: also size token trees
+    planned: int = field(init=False, default=0)  # k (the depth) chosen for the current round
+    sizer: TreeSizer = field(init=False, repr=False)  # the tree width's posteriors and plan
     draft_sums: list[float] = field(init=False, repr=False)  # [seconds, tokens], discounted
     verify_sums: list[list[float]] = field(init=False, repr=False)  # per k: [seconds, rounds]
 
@@ -297,7 +275,8 @@ class CostAwareThompsonController(ThompsonBase):
         super().reset()
         self.planned = self.max_k
         self.draft_sums = [0.0, 0.0]
-        self.verify_sums = [[0.0, 0.0] for _ in range(self.max_k + 1)]
+        self.verify_sums = [[0.0, 0.0] for _ in range(self.max_k * self.max_width + 1)]  # per node count
+        self.sizer = TreeSizer(self.max_width)
 
     def _priors(self):
         return (float(self.prior_alpha),), (float(self.prior_beta),)
@@ -312,56 +291,76 @@ class CostAwareThompsonController(ThompsonBase):
 
     def round_seconds(self) -> list[float]:
         """T(k) = c·k + v(k) for k = 0..max_k, in seconds (relative units before any measurement)."""
-        prior, scale = self._verify_prior()
-        weight = self.cost_prior_weight
-        seconds, tokens = self.draft_sums
-        per_draft = (seconds + weight * scale * self.draft_cost) / (tokens + weight)
-        return [
-            per_draft * k + (spent + weight * prior[k]) / (rounds + weight)
-            for k, (spent, rounds) in enumerate(self.verify_sums)
-        ]
+        per_draft, verify = self.draft_step_seconds(), self.verify_seconds()
+        return [per_draft * k + verify[k] for k in range(self.max_k + 1)]
+
+    def draft_step_seconds(self) -> float:
+        """c: one draft step (one depth of a tree), measured, shrunk toward the prior."""
+        weight, (seconds, steps) = self.cost_prior_weight, self.draft_sums
+        return (seconds + weight * self._verify_prior()[1] * self.draft_cost) / (steps + weight)
+
+    def verify_seconds(self) -> list[float]:
+        """v(n) for n = 0..max_k·max_width drafted nodes: measured, shrunk toward the prior."""
+        prior, weight = self._verify_prior()[0], self.cost_prior_weight
+        return [(spent + weight * prior[n]) / (rounds + weight) for n, (spent, rounds) in enumerate(self.verify_sums)]
 
     def _verify_prior(self) -> tuple[list[float], float]:
-        """v(k)'s prior in seconds for k = 0..max_k, and the seconds of one forward (the unit).
+        """v(k)'s prior in seconds for k = 0..max_k·max_width, and the seconds of one forward (the unit).
 
         With `verify_costs`, their shape scaled by the measurements; without, a line a + b·k
         (b >= 0) fitted to the measured rounds, so an untried length is priced between its
         measured neighbours or beyond them along the trend."""
         measured = [(k, spent / n, n) for k, (spent, n) in enumerate(self.verify_sums) if n > 0 and spent > 0]
+        sizes = len(self.verify_sums)  # k (or a tree's nodes) = 0..max_k·max_width
         if self.verify_costs:
             units = sum(n * self.prior_verify_cost(k) for k, _, n in measured)
             scale = sum(v * n for _, v, n in measured) / units if measured else 1.0  # seconds per unit
-            return [scale * self.prior_verify_cost(k) for k in range(self.max_k + 1)], scale
+            return [scale * self.prior_verify_cost(k) for k in range(sizes)], scale
         if not measured:
-            return [1.0] * (self.max_k + 1), 1.0
+            return [1.0] * sizes, 1.0
         total = sum(n for *_, n in measured)
         mean_k = sum(k * n for k, _, n in measured) / total
         mean_v = sum(v * n for _, v, n in measured) / total
         spread = sum(n * (k - mean_k) ** 2 for k, _, n in measured)
         slope = max(0.0, sum(n * (k - mean_k) * (v - mean_v) for k, v, n in measured) / spread) if spread else 0.0
         floor = min(v for _, v, _ in measured) / 2
-        line = [max(floor, mean_v + slope * (k - mean_k)) for k in range(self.max_k + 1)]
+        line = [max(floor, mean_v + slope * (k - mean_k)) for k in range(sizes)]
         return line, line[0]
 
     def max_draft(self) -> int:
         theta = self.posterior.sample(self.rng)
-        self.planned = best_length(theta, self.round_seconds(), self.min_k)
-        return self.planned
+        if self.max_width == 1:
+            self.planned = best_length(theta, self.round_seconds(), self.min_k)
+            return self.planned
+        self.planned, width = self.sizer.plan(theta, self.rng, self.draft_step_seconds(), self.verify_seconds(),
+                                              self.min_k, self.max_k)
+        return self.planned * width
+
+    def tree_width(self) -> int | None:
+        """The width planned for this round's tree (1 = a chain); None with max_width = 1."""
+        return None if self.max_width == 1 else self.sizer.planned_width
 
     def keep_drafting(self, drafted: int, confidence: float) -> bool:
         return drafted < min(self.planned, self.max_k)
 
+    def _observations(self, round_stats: RoundStats) -> list[tuple[int, bool]]:
+        """θ is the chain's acceptance: a tree's first chain judged as a chain is (equal for a chain)."""
+        rejected = [False] if round_stats.first_rejection() is not None else []
+        return [(0, ok) for ok in [True] * round_stats.first_choice_accepted + rejected]
+
     def update(self, round_stats: RoundStats) -> None:
         super().update(round_stats)
         self._measure(round_stats)
+        if self.max_width > 1:
+            self.sizer.learn(round_stats, self.discount)
 
     def _measure(self, round_stats: RoundStats) -> None:
-        gamma, k = self.discount, round_stats.drafted
+        gamma, k = self.discount, round_stats.drafted  # k: nodes verified (a chain's drafts)
         self.draft_sums = [gamma * value for value in self.draft_sums]
         self.verify_sums = [[gamma * s, gamma * n] for s, n in self.verify_sums]
         if k > 0 and round_stats.draft_seconds > 0:
             self.draft_sums[0] += round_stats.draft_seconds
-            self.draft_sums[1] += k
+            self.draft_sums[1] += round_stats.depth  # draft steps: a tree's depth
         if k < len(self.verify_sums) and round_stats.verify_seconds > 0:
             self.verify_sums[k][0] += round_stats.verify_seconds
             self.verify_sums[k][1] += 1.0

@@ -29,7 +29,7 @@ from specframe.interfaces import Drafter
 from specframe.types import Draft
 
 from .self_exit import draft_with
-from .tree_drafting import draft_tree_with
+from .tree_drafting import draft_tree_with, planned_width
 
 MAX_WIDTH = 8  # candidates per depth
 
@@ -62,6 +62,7 @@ class EarlyExitDrafter(Drafter):
     _feature: object = field(default=None, init=False, repr=False)  # eagle: (1, C) feature for the next draft
     _feature_is_true: bool = field(default=False, init=False, repr=False)  # the target's own, not predicted
     _head_ids: list = field(factory=list, init=False, repr=False)  # the tokens in the head's cache
+    _drafted_tree: bool = field(default=False, init=False, repr=False)  # the last round drafted a tree
 
     def before_prefill(self, target, prompt_ids) -> None:
         """Split the target at the head's layer, so the prefill keeps the prompt's states there."""
@@ -85,6 +86,7 @@ class EarlyExitDrafter(Drafter):
         self.model.reset_context_vocab()
         self._vocab_seen = 0
         self._head_ids = list(prompt_ids)
+        self._drafted_tree = False
         if prompt_ids:
             self._catch_up(len(prompt_ids))
 
@@ -112,12 +114,15 @@ class EarlyExitDrafter(Drafter):
         if self.context_vocab and self._vocab_seen < len(context):
             self.model.add_context_vocab(context[self._vocab_seen :])
             self._vocab_seen = len(context)
-        if self.width > 1:  # a tree's accepted path may leave the chain the head cached
+        if self._drafted_tree:  # a tree's accepted path may leave the chain the head cached
             self.rollback(_agreement(self._head_ids, context[:committed]))
         self._catch_up(committed)  # tokens that verification lowered (bonus/correction)
         self._head_ids = list(context[:committed])
-        if self.width > 1:
-            return draft_tree_with(self._step, context[-1], max_tokens, self.width, controller, sampler)
+        # the controller may plan the width (thompson_cost with max_width > 1); an eagle head drafts chains
+        width = 1 if self.reads_final else planned_width(controller, self.width, MAX_WIDTH)
+        self._drafted_tree = width > 1
+        if width > 1:
+            return draft_tree_with(self._step, context[-1], max_tokens, width, controller, sampler)
         return draft_with(self._step, context[-1], max_tokens, controller, sampler)
 
     @torch.inference_mode()

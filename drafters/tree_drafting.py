@@ -47,6 +47,14 @@ def draft_tree_with(step, first_token: int, max_tokens: int, width: int, control
     return Draft(tokens, q, (*confidences, *(c for *_, c in alternatives)), parents=parents)
 
 
+def planned_width(controller, default: int, widest: int) -> int:
+    """The width the controller plans for this round (its optional `tree_width()`), else `default`;
+    at most `widest`."""
+    plan = getattr(controller, "tree_width", None)
+    width = plan() if plan is not None else None
+    return default if width is None else max(1, min(int(width), widest))
+
+
 def _siblings(logits: torch.Tensor, q: torch.Tensor, width: int, sampler) -> list[int]:
     """The chain token first, then up to width - 1 alternatives the drafter can propose."""
     if sampler.greedy:  # ranks of the logits; tokens at -inf (outside a reduced vocabulary) never

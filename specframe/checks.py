@@ -33,6 +33,14 @@ def clamp_draft_budget(asked, budget: int, plugin: str, part: str | None = None)
     return min(check_max_draft(asked, plugin, part), budget)
 
 
+def check_tree_width(width, plugin: str, part: str | None = None) -> int | None:
+    """A controller's tree_width() is None (no plan) or an int in [1, CONTRACT_MAX_DRAFT]; returns it."""
+    if width is not None and (not is_int(width) or not 1 <= width <= CONTRACT_MAX_DRAFT):
+        raise PluginContractError(plugin, f"tree_width() returns None or an int in [1, {CONTRACT_MAX_DRAFT}]",
+                                  f"got {width!r} ({type(width).__name__})", part)
+    return None if width is None else int(width)
+
+
 def check_keep_drafting(keep, plugin: str, part: str | None = None) -> bool:
     """A controller's keep_drafting() returns a bool (Python's or NumPy's); returns it."""
     if not isinstance(keep, (bool, np.bool_)):

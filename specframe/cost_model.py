@@ -55,3 +55,30 @@ def summarize(ms: dict, sizes: list[int]) -> dict:
             "draft_step_ms": round(ms["draft"], 2) if draft is not None else None,
             "draft_step_over_forward": round(draft, 3) if draft is not None else None,
             "draft_lengths": rows}
+
+
+def expected_tree_tokens(theta: float, rescue: float, k: int) -> float:
+    """Tokens one round commits with a fixed tree of depth k: a chain of k drafts, each accepted
+    with probability θ, and beside each chain draft other candidates (leaves) of which one is
+    accepted with probability `rescue` when the chain's draft is rejected:
+    E_θ(k) + rescue · (1 − θ^k)  (the chain fails at some depth with probability 1 − θ^k)."""
+    return expected_tokens(theta, k) + rescue * (1.0 - theta**k)
+
+
+def best_tree_shape(theta: float, rescues: dict[int, float], draft_step: float, verify: Sequence[float],
+                    min_k: int, max_k: int) -> tuple[int, int]:
+    """The (depth k, width W) with the most expected tokens per second, for k in [min_k, max_k]
+    and W = 1 (a chain) or a key of `rescues` (W -> the rescue probability of W - 1 candidates
+    beside each chain draft). A round costs draft_step · k + verify[k · W] (verify[n]: seconds
+    to verify n drafted nodes); shapes with k · W past the end of `verify` are not considered.
+    Ties go to the narrower, then the shallower shape."""
+    best, best_rate = (min_k, 1), -1.0
+    for width in (1, *sorted(w for w in rescues if w > 1)):
+        rescue = rescues.get(width, 0.0) if width > 1 else 0.0
+        for k in range(min_k, max_k + 1):
+            if k * width >= len(verify):
+                break
+            rate = expected_tree_tokens(theta, rescue, k) / (draft_step * k + verify[k * width])
+            if rate > best_rate * (1 + 1e-9):
+                best, best_rate = (k, width), rate
+    return best

@@ -19,7 +19,8 @@ from collections.abc import Generator
 import torch
 from attrs import define, field
 
-from .checks import check_draft, check_keep_drafting, check_tree_verdict, check_verdict, clamp_draft_budget
+from .checks import (check_draft, check_keep_drafting, check_tree_verdict, check_tree_width, check_verdict,
+                     clamp_draft_budget)
 from .errors import PluginContractError, SpecframeError
 from .interfaces import Controller, Drafter, Verifier, is_lossless
 from .sampling import Sampler
@@ -53,6 +54,8 @@ class StatsRecorder:
     started: float = field(factory=time.perf_counter)
     drafted: list[int] = field(factory=list)
     accepted: list[int] = field(factory=list)
+    depths: list[int] = field(factory=list)  # how deep each round drafted (= drafted for a chain)
+    tree_rounds: int = 0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     new_tokens: int = 0
@@ -61,21 +64,24 @@ class StatsRecorder:
     def add(self, round_stats: RoundStats, committed: int) -> None:
         self.drafted.append(round_stats.drafted)
         self.accepted.append(round_stats.accepted)
+        self.depths.append(round_stats.depth)
+        self.tree_rounds += round_stats.is_tree
         self.draft_seconds += round_stats.draft_seconds
         self.verify_seconds += round_stats.verify_seconds
         self.new_tokens += committed
 
     def finish(self) -> GenerationStats:
-        longest = max(self.drafted, default=0)
-        positions = tuple(
-            (sum(a > i for a in self.accepted), sum(d > i for d in self.drafted)) for i in range(longest)
+        longest = max(self.depths, default=0)
+        positions = tuple(  # per depth: a tree's nodes at one depth are one position
+            (sum(a > i for a in self.accepted), sum(d > i for d in self.depths)) for i in range(longest)
         )
         return GenerationStats(
             rounds=len(self.drafted), drafted=sum(self.drafted), accepted=sum(self.accepted),
             new_tokens=self.new_tokens, draft_seconds=self.draft_seconds,
             verify_seconds=self.verify_seconds, total_seconds=time.perf_counter() - self.started,
             accepted_histogram=histogram(self.accepted), draft_length_histogram=histogram(self.drafted),
-            position_accepts=positions, fallback=self.fallback,
+            position_accepts=positions, fallback=self.fallback, tree_rounds=self.tree_rounds,
+            drafted_depth=sum(self.depths),
         )
 
 
@@ -118,7 +124,8 @@ def generate_tokens(
         loop.rollback(context, verdict)
         # 6. Tell the controller what happened.
         round_stats = RoundStats(len(draft), verdict.accepted_length, draft.confidences,
-                                 drafted_at - started, verified_at - drafted_at)
+                                 drafted_at - started, verified_at - drafted_at, draft.parents,
+                                 verdict.path if isinstance(verdict, TreeVerdict) else ())
         loop.update(context, round_stats)
         recorder.add(round_stats, len(committed))
         yield committed
@@ -340,6 +347,20 @@ class _GuardedController:
             raise _ControllerFault(exc) from exc
         try:
             return check_keep_drafting(keep, self._plugin, self._part)
+        except PluginContractError as error:
+            raise _ControllerFault(error) from None
+
+    def tree_width(self) -> int | None:
+        """The controller's planned tree width (`Controller.tree_width`), checked; None without a plan."""
+        plan = getattr(self._controller, "tree_width", None)
+        if plan is None:
+            return None
+        try:
+            width = plan()
+        except Exception as exc:
+            raise _ControllerFault(exc) from exc
+        try:
+            return check_tree_width(width, self._plugin, self._part)
         except PluginContractError as error:
             raise _ControllerFault(error) from None
 

@@ -27,8 +27,13 @@ class Controller:
         raise NotImplementedError
 
     def keep_drafting(self, drafted: int, confidence: float) -> bool:
-        """After the drafter made its `drafted`-th token (with its confidence), draft another?"""
+        """After the drafter made its `drafted`-th token (with its confidence), draft another?
+        A tree drafter asks after each depth (`drafted` is then the depth reached)."""
         return True
+
+    # Optional: `tree_width() -> int | None`, the candidates per depth a tree drafter should draft
+    # this round (1 = a chain; None = no plan, the drafter keeps its own width). Asked by the
+    # drafter during propose(), after max_draft(). See `thompson_cost` with max_width > 1.
 
     def update(self, round_stats: "RoundStats") -> None:
         """Learn from the verification outcome of the round just finished."""

@@ -9,6 +9,7 @@ import torch
 from attrs import field, frozen, validators as v
 
 from .errors import ConfigError
+from .trees import ROOT, children, depths
 
 
 MAX_TEMPERATURE = 1e4  # sampling is uniform long before this
@@ -101,17 +102,54 @@ class TreeVerdict:
 
 @frozen
 class RoundStats:
-    """One round as the controller sees it."""
+    """One round as the controller sees it. For a tree draft, `parents` gives its shape and `path`
+    the accepted nodes; `drafted` counts every node and `accepted` the path's length."""
 
-    drafted: int  # K, how many drafts were verified
+    drafted: int  # K, how many drafts (a tree's nodes) were verified
     accepted: int  # how many of them were kept
     confidences: tuple[float, ...] = ()
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+    parents: tuple[int, ...] | None = None  # a tree's parents (see specframe.trees); None for a chain
+    path: tuple[int, ...] = ()  # a tree's accepted nodes, root first (empty for a chain)
+
+    @property
+    def is_tree(self) -> bool:
+        return self.parents is not None
+
+    @property
+    def depth(self) -> int:
+        """How deep the draft went: K for a chain, the deepest node's depth for a tree."""
+        return max(depths(self.parents), default=0) if self.is_tree else self.drafted
 
     @property
     def all_accepted(self) -> bool:
-        return self.accepted == self.drafted
+        """Every depth drafted was accepted (for a chain: every draft)."""
+        return self.accepted == self.depth
+
+    @property
+    def first_choice_accepted(self) -> int:
+        """Accepted drafts along the tree's first chain (each node its parent's first child, as
+        listed); for a chain, `accepted`."""
+        if not self.is_tree:
+            return self.accepted
+        below, node, count = children(self.parents), ROOT, 0
+        for accepted in self.path:
+            if not below[node] or below[node][0] != accepted:
+                break
+            node, count = accepted, count + 1
+        return count
+
+    def first_rejection(self) -> tuple[int, bool] | None:
+        """Where the first chain's first rejected draft was: (candidates at that depth, whether one
+        of the others was accepted instead); None when the first chain was accepted to its end."""
+        if not self.is_tree:
+            return (1, False) if self.accepted < self.drafted else None
+        below, kept = children(self.parents), self.first_choice_accepted
+        node = self.path[kept - 1] if kept else ROOT
+        if not below[node]:
+            return None
+        return len(below[node]), len(self.path) > kept
 
 
 @frozen
@@ -127,8 +165,10 @@ class GenerationStats:
     total_seconds: float
     accepted_histogram: dict[int, int] = field(factory=dict)  # accepted per round -> count
     draft_length_histogram: dict[int, int] = field(factory=dict)  # drafted per round -> count
-    position_accepts: tuple[tuple[int, int], ...] = ()  # per draft position: (accepted, drafted)
+    position_accepts: tuple[tuple[int, int], ...] = ()  # per draft position (a tree's depth): (accepted, drafted)
     fallback: str | None = None  # set when the engine fell back to plain decoding
+    tree_rounds: int = 0  # rounds that drafted a tree (their `drafted` counts every node)
+    drafted_depth: int = 0  # summed over rounds: how deep each drafted (= drafted when all are chains)
 
     @property
     def acceptance_rate(self) -> float:
@@ -167,6 +207,8 @@ class GenerationStats:
             "draft_length_histogram": {str(k): c for k, c in sorted(self.draft_length_histogram.items())},
             "position_acceptance": [a / d if d else 0.0 for a, d in self.position_accepts],
             "fallback": self.fallback,
+            "tree_rounds": self.tree_rounds,
+            "drafted_depth": self.drafted_depth,
         }
 
 
