@@ -82,3 +82,16 @@ def test_a_tree_drafter_that_ignores_the_controllers_stop_is_caught():
     with pytest.raises(AssertionError) as caught:
         testing.check_drafter("deep_tree", TREES, settings=FAST, only=("contract",))
     assert "levels deep (a tree's depth) although controller.keep_drafting(1, ...) returned False" in str(caught.value)
+
+
+def test_early_exit_trees_with_a_chain_drafters_rollback_are_caught(tmp_path, monkeypatch):
+    """early_exit compares its head's cached tokens with the context after a tree round; trusting
+    them instead (as after a chain round) keeps a rejected branch in the head's cache. Output
+    stays lossless (the verifier sees to that), so only the kit's rollback check can tell."""
+    import specframe.drafters.early_exit as early_exit
+
+    monkeypatch.setattr(early_exit, "_agreement", lambda cached, committed: len(committed))  # the bug
+    options = {**drafter_options("early_exit", tmp_path), "width": 2}
+    with pytest.raises(AssertionError) as caught:
+        testing.check_drafter("early_exit", TREES, options=options, settings=FAST, only=("rollback",))
+    assert ROLLBACK_PROPERTY in str(caught.value)

@@ -22,7 +22,7 @@ from .exact import NotEnumerable, enumerate_outcomes
 from .report import CheckFailed, CheckSkipped, ConformanceReport, run_checks, single_thread
 from .stats import expect_fit
 from .toys import ChaosVerifier, KitController, ScriptedController, SpyDrafter, TableLM, tiny_llama
-from .trees import check_node_conditionals, depth_of, describe_draft, draft_key
+from .trees import check_node_conditionals, depth_of, describe_draft, draft_key, same_confidences
 
 
 class Harness:
@@ -167,7 +167,8 @@ def _sampled_q(make, model, config: SamplingConfig, settings: KitSettings, name:
 
 def drafter_rollback(make, model, settings: KitSettings, names: dict, replays: int = 24) -> str:
     """Run a generation with random rejections (random accepted paths for a tree), then replay each
-    round on a fresh drafter: the same draft (tokens and, for a tree, parents) must come back."""
+    round on a fresh drafter: the same draft (tokens and, for a tree, parents) must come back; for
+    a tree also the same confidences, since a stale state rarely flips a tiny model's argmax."""
     prompt = greedy_prompt(model)
     spy = SpyDrafter(make())
     generate(TargetModel(model), spy, KitController(settings.max_draft), ChaosVerifier(random.Random(settings.seed)),
@@ -180,16 +181,25 @@ def drafter_rollback(make, model, settings: KitSettings, names: dict, replays: i
         fresh.begin(target, list(prompt), greedy)
         if len(context) - 1 > len(prompt):
             target.forward(torch.tensor(context[len(prompt) : -1]))
-        again = draft_key(fresh.propose(list(context), budget, KitController(budget), greedy))
-        if again != drafted:
+        again = fresh.propose(list(context), budget, KitController(budget), greedy)
+        if draft_key(again) != draft_key(drafted):
             raise CheckFailed(
                 f"after the engine's rollbacks, with {len(context)} tokens committed, it drafted "
-                f"{describe_draft(drafted)}, but a fresh drafter given the same committed tokens drafts "
-                f"{describe_draft(again)}: its state kept rejected tokens"
+                f"{describe_draft(draft_key(drafted))}, but a fresh drafter given the same committed tokens drafts "
+                f"{describe_draft(draft_key(again))}: its state kept rejected tokens"
             )
+        if drafted.is_tree and not same_confidences(drafted, again):
+            raise CheckFailed(
+                f"after the engine's rollbacks, with {len(context)} tokens committed, it drafted "
+                f"{describe_draft(draft_key(drafted))} with confidences {_rounded(drafted)}, but a fresh drafter "
+                f"gives them {_rounded(again)}: its state kept a rejected branch of the tree")
     rounds = len(spy.calls)
-    drafted_total = sum(len(d[0]) for _, _, d in spy.calls)
+    drafted_total = sum(len(d) for _, _, d in spy.calls)
     return f"{min(rounds, replays)} of {rounds} rounds replayed ({drafted_total} drafts, random rejections)"
+
+
+def _rounded(draft: Draft) -> list[float]:
+    return [round(float(c), 6) for c in draft.confidences]
 
 
 def check_drafter(name: str, registry: PluginRegistry | None = None, *, options: dict | None = None,

@@ -107,11 +107,12 @@ class KitController(Controller):
 class ScriptedController(Controller):
     """Adversarial draft lengths: round r drafts lengths[(r + accepted so far) % len(lengths)],
     so the length depends on what was accepted before; with stop_below set it also stops a
-    chain as soon as a draft's confidence falls below it. Lossless decoding must stay exact
-    under every such schedule."""
+    chain as soon as a draft's confidence falls below it; with widths set it plans tree widths
+    the same way (`tree_width()`). Lossless decoding must stay exact under every such schedule."""
 
     lengths: tuple[int, ...] = (1, 2, 3, 4)
     stop_below: float | None = None
+    widths: tuple[int, ...] = ()  # tree widths to plan, chosen like the lengths; () plans none
     rounds: int = field(default=0, init=False)
     accepted: int = field(default=0, init=False)
 
@@ -120,6 +121,9 @@ class ScriptedController(Controller):
 
     def max_draft(self) -> int:
         return self.lengths[(self.rounds + self.accepted) % len(self.lengths)]
+
+    def tree_width(self) -> int | None:
+        return self.widths[(self.rounds + 2 * self.accepted) % len(self.widths)] if self.widths else None
 
     def keep_drafting(self, drafted: int, confidence: float) -> bool:
         return self.stop_below is None or confidence >= self.stop_below
@@ -180,7 +184,7 @@ class ChaosVerifier(Verifier):
 
 
 class SpyDrafter(Drafter):
-    """Records every proposal of the drafter it wraps: (context, max_tokens, (tokens, parents))."""
+    """Records every proposal of the drafter it wraps: (context, max_tokens, the Draft)."""
 
     def __init__(self, inner: Drafter):
         self.inner, self.calls = inner, []
@@ -190,7 +194,7 @@ class SpyDrafter(Drafter):
 
     def propose(self, context, max_tokens, controller, sampler) -> Draft:
         draft = self.inner.propose(context, max_tokens, controller, sampler)
-        self.calls.append((list(context), max_tokens, (tuple(draft.tokens.tolist()), draft.parents)))
+        self.calls.append((list(context), max_tokens, draft))
         return draft
 
     def rollback(self, valid_length: int) -> None:

@@ -42,6 +42,15 @@ def depth_of(draft) -> int:
     return len(draft) if draft.parents is None else max(depths(draft.parents), default=0)
 
 
+CONFIDENCE_TOLERANCE = 1e-4  # a cached state and a fresh one round differently, by ~1e-6 in float32
+
+
+def same_confidences(a, b) -> bool:
+    """Two drafts report the same confidences (to CONFIDENCE_TOLERANCE)."""
+    return len(a.confidences) == len(b.confidences) and all(
+        abs(float(x) - float(y)) <= CONFIDENCE_TOLERANCE for x, y in zip(a.confidences, b.confidences))
+
+
 def check_node_conditionals(drafted: dict[DraftKey, float], rows: dict[DraftKey, torch.Tensor],
                             tolerance: float) -> int:
     """For every tree node, the exact conditional distribution of its token given the nodes listed
