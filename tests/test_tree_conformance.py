@@ -95,3 +95,9 @@ def test_early_exit_trees_with_a_chain_drafters_rollback_are_caught(tmp_path, mo
     with pytest.raises(AssertionError) as caught:
         testing.check_drafter("early_exit", TREES, options=options, settings=FAST, only=("rollback",))
     assert ROLLBACK_PROPERTY in str(caught.value)
+
+
+def test_thompson_cost_sizing_trees_passes_the_controller_kit():
+    """Its contract with tree rounds mixed in (every controller gets some), tree_width() checked."""
+    report = testing.check_controller("thompson_cost", TREES, settings=FAST, max_width=4)
+    assert report.passed and "600 rounds" in report.results[0].detail

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from ..checks import check_keep_drafting, check_max_draft
+from ..checks import check_keep_drafting, check_max_draft, check_tree_width
 from ..plugins import PluginRegistry
 from ..types import RoundStats
 from .common import (KitSettings, check_distribution, check_greedy, factory, reference_verifier,
@@ -22,6 +22,8 @@ def controller_contract(make, settings: KitSettings, name: str, rounds: int = 20
         controller.begin()
         for _ in range(rounds):
             k = check_max_draft(controller.max_draft(), name, limit=settings.max_draft_cap)
+            if hasattr(controller, "tree_width"):
+                check_tree_width(controller.tree_width(), name)
             asked.append(k)
             confidences: list[float] = []
             while len(confidences) < min(k, 8):
@@ -30,9 +32,23 @@ def controller_contract(make, settings: KitSettings, name: str, rounds: int = 20
                     break
             drafted = len(confidences)
             accepted = drafted if rng.random() < 0.3 else rng.randint(0, drafted)
-            controller.update(RoundStats(drafted, accepted, tuple(confidences), rng.random() / 100, rng.random() / 50))
+            stats = RoundStats(drafted, accepted, tuple(confidences), rng.random() / 100, rng.random() / 50)
+            if drafted and rng.random() < 0.3:  # some rounds drafted a tree: every controller must take them
+                stats = _as_tree(stats, rng)
+            controller.update(stats)
     mean = sum(asked) / len(asked)
     return f"max_draft() over {len(asked)} rounds: min {min(asked)}, mean {mean:.1f}, max {max(asked)}"
+
+
+def _as_tree(stats: RoundStats, rng: random.Random) -> RoundStats:
+    """The round as a fixed tree (drafters/tree_drafting.py): its chain and one candidate beside each
+    chain draft, with a random accepted path."""
+    depth = stats.drafted
+    parents = (*range(-1, depth - 1), *range(-1, depth - 1))
+    kept = min(stats.accepted, depth)
+    path = tuple(range(kept)) + ((depth + kept,) if kept < depth and rng.random() < 0.5 else ())
+    return RoundStats(2 * depth, len(path), stats.confidences * 2, stats.draft_seconds, stats.verify_seconds,
+                      parents, path)
 
 
 def check_controller(name: str, registry: PluginRegistry | None = None, *, options: dict | None = None,
