@@ -54,14 +54,17 @@ class MethodSpec:
 
 
 def split_methods(text: str) -> list[str]:
-    """Split a --methods value on commas, keeping `key=value` pieces with the method before them.
+    """Split a --methods value on commas, keeping `key=value` pieces with the method before them
+    (a method never starts with `key=`, so a drafter's second option may be followed by `+`).
 
     >>> split_methods("hf,early_exit+fixed:k=3,max_k=8,ngram+heuristic")
     ['hf', 'early_exit+fixed:k=3,max_k=8', 'ngram+heuristic']
+    >>> split_methods("early_exit:head=h.safetensors,width=2+thompson_cost:max_width=3,min_k=1,none")
+    ['early_exit:head=h.safetensors,width=2+thompson_cost:max_width=3,min_k=1', 'none']
     """
     specs: list[str] = []
     for piece in (p.strip() for p in text.split(",")):
-        if re.match(r"^[A-Za-z_]\w*=", piece) and "+" not in piece and specs:
+        if re.match(r"^[A-Za-z_]\w*=", piece) and specs:
             specs[-1] += "," + piece
         else:
             specs.append(piece)

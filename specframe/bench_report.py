@@ -108,7 +108,19 @@ def _method_stats(records, chosen: dict, baseline: str, label: str, greedy: bool
     entry["peak_cuda_mib"] = max((r.get("peak_cuda_mib") or 0 for r in records), default=None) or None
     entry["finish_reasons"] = dict(Counter(r.get("finish_reason") for r in records))
     entry["fallbacks"] = sum(1 for s in engine if s.get("fallback"))
+    entry["tree_shape"] = _tree_shape(engine)
     return entry
+
+
+def _tree_shape(engine: list[dict]) -> dict | None:
+    """Per round: how many rounds drafted a tree, nodes and depth per drafting round (None: no trees)."""
+    trees = sum(s.get("tree_rounds", 0) for s in engine)
+    if not trees:
+        return None
+    rounds = sum(s["rounds"] for s in engine)
+    drafting = rounds - sum(s.get("draft_length_histogram", {}).get("0", 0) for s in engine)
+    return {"tree_rounds": _ratio(trees, drafting), "nodes": _ratio(sum(s["drafted"] for s in engine), drafting),
+            "depth": _ratio(sum(s.get("drafted_depth", s["drafted"]) for s in engine), drafting)}
 
 
 def _per_prompt_ratios(records, chosen: dict, baseline: str) -> list[float]:
@@ -302,8 +314,14 @@ def _acceptance_tables(methods: dict) -> list[str]:
     rows = [[f"`{k}`"] + [_fmt(_ratio(*m["position_accepts"][i]) if i < len(m["position_accepts"]) else None,
                                "{:.0%}") for i in range(width)] for k, m in drafting.items()]
     lines += _table(["method"] + [str(i + 1) for i in range(width)], rows)
+    trees = {k: m["tree_shape"] for k, m in drafting.items() if m.get("tree_shape")}
+    if trees:
+        lines += ["", "## Token trees", "", "Share of the rounds that drafted which drafted a tree; nodes and depth per round that "
+                  "drafted (a chain's depth is its length; positions above are depths).", ""]
+        lines += _table(["method", "tree rounds", "nodes", "depth"], [
+            [f"`{k}`", _fmt(t["tree_rounds"], "{:.0%}"), _fmt(t["nodes"]), _fmt(t["depth"])] for k, t in trees.items()])
     lengths = sorted({int(n) for m in drafting.values() for n in m["draft_length_histogram"]})
-    lines += ["", "## Draft lengths", "", "Rounds per number of drafted tokens.", ""]
+    lines += ["", "## Draft lengths", "", "Rounds per number of drafted tokens (a tree's nodes).", ""]
     rows = [[f"`{k}`"] + [str(m["draft_length_histogram"].get(str(n), 0)) for n in lengths] for k, m in drafting.items()]
     return lines + _table(["method"] + [str(n) for n in lengths], rows)
 

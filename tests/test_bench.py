@@ -376,3 +376,28 @@ def test_cli_subcommand(model_dir, dataset, tmp_path, capsys):
     assert json.loads((out / "run.json").read_text())["methods"] == ["hf", "none"]  # baseline added
     assert main(["bench", "--dataset", str(dataset), "--methods", "ngram", "--out", str(out)]) == 2
     assert "names one part" in capsys.readouterr().err
+
+
+def test_bench_compares_chains_and_trees(model_dir, dataset, tmp_path):
+    """early_exit as a chain, as a fixed tree and with trees sized by thompson_cost, on one untrained
+    head: lossless, and the summary says what the trees drafted (nodes against depth)."""
+    from transformers import LlamaForCausalLM
+
+    from specframe.heads import EarlyExitHead
+
+    head = EarlyExitHead(LlamaForCausalLM.from_pretrained(model_dir), exit_layer=2)
+    path = head.save_pretrained(tmp_path / "head.safetensors")
+    chain, tree = f"early_exit:head={path}+fixed:k=3", f"early_exit:head={path},width=2+fixed:k=6"
+    sized = f"early_exit:head={path}+thompson_cost:max_width=3,min_k=1"
+    out = tmp_path / "out"
+    assert run_bench(model_dir, dataset, out, "--limit", 3, "--baseline", "none",
+                     "--methods", ",".join(["none", chain, tree, sized])) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    methods = {label.split("+")[-1].split(":")[0] + ("-tree" if "width=2" in label else ""): m
+               for label, m in summary["methods"].items()}
+    assert all(m["mismatches"] in (None, 0) for m in methods.values())
+    assert methods["fixed"]["tree_shape"] is None
+    shape = methods["fixed-tree"]["tree_shape"]
+    assert shape["tree_rounds"] == 1.0 and shape["nodes"] > shape["depth"]
+    assert methods["thompson_cost"]["tree_shape"]["tree_rounds"] > 0
+    assert "## Token trees" in (out / "summary.md").read_text()
