@@ -110,6 +110,13 @@ class SplitView:
         """Run (T,) tokens that follow everything cached through layers [0, N); return (T, C)."""
         return self._target._lower(ids)
 
+    def lower_tree(self, ids: torch.Tensor, parents: tuple[int, ...]) -> torch.Tensor:
+        """Run (T,) nodes of a tree draft through layers [0, N), after the root (lowered first with
+        `lower`) and the nodes lowered before them: `parents` (T,) index the tree's nodes as in
+        `specframe.trees` (-1 the root). Each node sees the cache and its ancestors, at position
+        start + depth; verification reuses them as a prefix of the tree. Returns (T, C)."""
+        return self._target._lower_tree(ids, parents)
+
     def hidden(self, start: int, end: int) -> torch.Tensor:
         """(end - start, C) states after layer N of tokens at positions [start, end) already run.
 
@@ -155,6 +162,7 @@ class TargetModel:
         self.length = 0
         self.ids: list[int] = []  # the cached tokens (length of them)
         self.lower_ids: list[int] = []  # tokens already run through the lower layers only
+        self.lower_parents: list[int] | None = None  # their parents when lowered as a tree's nodes
         self.split_hidden: torch.Tensor | None = None  # (S, C) hidden states at the split layer
         self.split_from = 0  # states at the split are stored for positions split_from..
         self.final_hidden: torch.Tensor | None = None  # (S, C) last-layer features, kept if a split asks
@@ -197,8 +205,9 @@ class TargetModel:
             return self._generic_forward(ids, logits_to_keep)
         pending = len(self.lower_ids)
         if pending:  # a drafter already ran the lower layers on a prefix of ids
-            if ids[:pending].tolist() != self.lower_ids:
-                raise PluginContractError("target", "verified tokens must extend the drafted lower-layer prefix")
+            if ids[:pending].tolist() != self.lower_ids or self.lower_parents is not None:
+                raise PluginContractError("target", "verified tokens must extend the drafted lower-layer prefix "
+                                          "(and nodes lowered as a tree are verified as that tree)")
             ids = ids[pending:]
         if self.split_layer:
             lowered = self._lower(ids) if len(ids) else self.split_hidden[:0]  # all drafted: none new
@@ -228,10 +237,10 @@ class TargetModel:
             raise SpecframeError(f"{type(self.model).__name__} is not a Llama-style decoder, so tree drafts "
                                  "cannot be verified; draft a chain instead")
         pending = len(self.lower_ids)
-        if pending and (ids[:pending].tolist() != self.lower_ids or tuple(parents[: pending - 1]) != tuple(
-                range(-1, pending - 2))):
-            raise PluginContractError("target", "the tokens run through the lower layers are the root and a "
-                                      "chain of the tree's first nodes", f"lowered {self.lower_ids}, parents {parents}")
+        lowered = tuple(range(-1, pending - 2)) if self.lower_parents is None else tuple(self.lower_parents)
+        if pending and (ids[:pending].tolist() != self.lower_ids or tuple(parents[: pending - 1]) != lowered):
+            raise PluginContractError("target", "the tokens run through the lower layers are the root and the "
+                                      "tree's first nodes", f"lowered {self.lower_ids}, parents {parents}")
         start = self.length
         mask = tree_attention_mask(parents, start, self.device)  # (1, 1, K+1, start+K+1)
         positions = tree_positions(parents, start, self.device)  # (1, K+1)
@@ -246,7 +255,7 @@ class TargetModel:
             first = self.split_layer
         hidden = self._run_layers(hidden, first, self.num_layers, start, mask=mask, positions=positions)
         self.ids += ids.tolist()
-        self.lower_ids = []
+        self.lower_ids, self.lower_parents = [], None
         self.length += hidden.shape[0]
         self.tree_start = start
         return self.logits(hidden)
@@ -271,6 +280,25 @@ class TargetModel:
         hidden = self._embed_run(ids, 0, self.split_layer, start)
         self._store_split_hidden(hidden, start)
         self.lower_ids.extend(ids.tolist())
+        return hidden
+
+    @torch.inference_mode()
+    def _lower_tree(self, ids: torch.Tensor, parents: tuple[int, ...]) -> torch.Tensor:
+        """Run (T,) tree nodes through layers [0, split) with the tree's mask; return (T, C)."""
+        pending = len(self.lower_ids)
+        known = tuple(range(-1, pending - 2)) if self.lower_parents is None else tuple(self.lower_parents)
+        tree = (*known, *parents)
+        if not pending or any(not -1 <= p < pending - 1 + i for i, p in enumerate(parents)):
+            raise PluginContractError("target", "lower_tree() follows the lowered root, parents before children",
+                                      f"{pending} lowered, parents {parents}")
+        start = self.length
+        mask = tree_attention_mask(tree, start, self.device)[:, :, pending:]  # (1, 1, T, start + pending + T)
+        positions = tree_positions(tree, start, self.device)[:, pending:]  # (1, T)
+        hidden = self.model.model.embed_tokens(ids.to(self.device)[None])[0]
+        hidden = self._run_layers(hidden, 0, self.split_layer, start + pending, mask=mask, positions=positions)
+        self._store_split_hidden(hidden, start + pending)
+        self.lower_ids.extend(ids.tolist())
+        self.lower_parents = list(tree)
         return hidden
 
     @torch.inference_mode()
@@ -349,6 +377,8 @@ class TargetModel:
             f"cannot roll back to {length}: only {self.length} tokens are cached"
         )
         self.lower_ids = self.lower_ids[: max(0, length - self.length)]
+        if self.lower_parents is not None:
+            self.lower_parents = self.lower_parents[: max(0, len(self.lower_ids) - 1)] if self.lower_ids else None
         self.length = min(self.length, length)
         self.ids = self.ids[: self.length]
         self.split_from = min(self.split_from, length)

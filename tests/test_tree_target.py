@@ -109,7 +109,7 @@ def test_lowered_tokens_that_are_not_the_trees_head_chain_are_a_contract_error(t
     view = target.enable_split(2)
     target.forward(torch.tensor(PROMPT))
     view.lower(torch.tensor([ROOT_TOKEN, 20, 21]))
-    with pytest.raises(PluginContractError, match="chain of the tree's first nodes"):
+    with pytest.raises(PluginContractError, match="the root and the tree's first nodes"):
         target.forward_tree(torch.tensor([ROOT_TOKEN, 20, 21]), (-1, -1))
 
 
@@ -126,3 +126,38 @@ def test_with_the_few_row_kernels_each_node_is_bitwise_a_one_token_pass_over_its
         for token in [ROOT_TOKEN] + [node_tokens[n] for n in path_to(parents, node)]:
             row = target.forward(torch.tensor([token]))[-1]
         assert torch.equal(logits[node + 1], row), node
+
+
+@pytest.mark.parametrize("shape, lowered", [("2x2", 2), ("2x2", 4), ("deep", 5), ("star", 3)])
+def test_nodes_lowered_as_a_tree_are_reused_by_the_tree_pass(tiny_model, shape, lowered):
+    """`SplitView.lower_tree`: a drafter lowers the root, then the tree's first nodes level by level
+    (as a dynamic tree does); the tree pass and keep_path give what a pass over the whole tree does."""
+    parents = SHAPES[shape]
+    whole, node_tokens, expected = _tree_target(tiny_model, parents, split=2)
+    target = TargetModel(tiny_model)
+    view = target.enable_split(2)
+    target.forward(torch.tensor(PROMPT))
+    view.lower(torch.tensor([ROOT_TOKEN]))
+    hidden = [view.lower_tree(torch.tensor(node_tokens[i : i + 2]), parents[i : i + 2]) for i in range(0, lowered, 2)]
+    assert sum(h.shape[0] for h in hidden) == min(len(parents), lowered + lowered % 2)
+    tokens = torch.tensor([ROOT_TOKEN, *node_tokens])
+    torch.testing.assert_close(target.forward_tree(tokens, parents), expected, rtol=1e-4, atol=1e-4)
+    path = tuple(path_to(parents, len(parents) - 1))
+    whole.keep_path(path)
+    target.keep_path(path)
+    torch.testing.assert_close(target._split_states(0, target.length), whole._split_states(0, whole.length),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_nodes_lowered_as_a_tree_cannot_be_verified_as_a_chain_nor_as_another_tree(tiny_model):
+    target = TargetModel(tiny_model)
+    view = target.enable_split(2)
+    target.forward(torch.tensor(PROMPT))
+    view.lower(torch.tensor([ROOT_TOKEN]))
+    view.lower_tree(torch.tensor([20, 21]), (-1, -1))
+    with pytest.raises(PluginContractError, match="lowered as a tree"):
+        target.forward(torch.tensor([ROOT_TOKEN, 20, 21]))
+    with pytest.raises(PluginContractError, match="the root and the tree's first nodes"):
+        target.forward_tree(torch.tensor([ROOT_TOKEN, 20, 21]), (-1, 0))
+    with pytest.raises(PluginContractError, match="parents before children"):
+        view.lower_tree(torch.tensor([22]), (5,))
