@@ -29,9 +29,11 @@ from specframe.interfaces import Drafter
 from specframe.types import Draft
 
 from .self_exit import draft_with
+from .dynamic_tree import draft_dynamic_tree, head_tree_logits
 from .tree_drafting import draft_tree_with, planned_width
 
 MAX_WIDTH = 8  # candidates per depth
+TREE_SHAPES = ("fixed", "dynamic")  # drafters/tree_drafting.py, drafters/dynamic_tree.py
 
 
 def _agreement(a: list[int], b: list[int]) -> int:
@@ -55,6 +57,9 @@ class EarlyExitDrafter(Drafter):
     # candidates per depth: 1 drafts a chain; w > 1 a tree with w - 1 alternatives beside each
     # chain token (drafters/tree_drafting.py), verified in the same pass
     width: int = field(default=1, validator=[v.instance_of(int), v.ge(1), v.le(MAX_WIDTH)])
+    # with width > 1: "fixed" (the chain and leaves beside it) or "dynamic" (expand the nodes of
+    # highest cumulative probability, EAGLE-2; drafters/dynamic_tree.py)
+    tree: str = field(default="fixed", validator=v.in_(TREE_SHAPES))
     split: object = field(default=None, init=False, repr=False)  # the target's SplitView
     model: object = field(default=None, init=False, repr=False)  # the head (an EarlyExitHead)
     _loaded_for: int | None = field(default=None, init=False, repr=False)
@@ -121,9 +126,26 @@ class EarlyExitDrafter(Drafter):
         # the controller may plan the width (thompson_cost with max_width > 1); an eagle head drafts chains
         width = 1 if self.reads_final else planned_width(controller, self.width, MAX_WIDTH)
         self._drafted_tree = width > 1
+        if width > 1 and self.tree == "dynamic":
+            return self._draft_dynamic(context, max_tokens, width, controller, sampler)
         if width > 1:
             return draft_tree_with(self._step, context[-1], max_tokens, width, controller, sampler)
         return draft_with(self._step, context[-1], max_tokens, controller, sampler)
+
+    def _draft_dynamic(self, context, max_tokens, width, controller, sampler) -> Draft:
+        """A dynamic tree; the head's cache then keeps only the root (the accepted path is caught up
+        from the target's split states after verification)."""
+        committed, parents = len(context) - 1, []
+
+        @torch.inference_mode()
+        def expand(tokens: torch.Tensor, new_parents: tuple[int, ...]) -> torch.Tensor:
+            parents.extend(new_parents)
+            hidden = self.split.lower_tree(tokens, new_parents)  # (T, C)
+            return head_tree_logits(self.model, hidden, tuple(parents), committed)  # (T, V)
+
+        draft = draft_dynamic_tree(self._step, expand, context[-1], max_tokens, width, controller, sampler)
+        self.rollback(committed + 1)
+        return draft
 
     @torch.inference_mode()
     def _step(self, token: int) -> torch.Tensor:
