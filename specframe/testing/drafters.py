@@ -1,5 +1,6 @@
 """`check_drafter`: the contract, that q is what the drafts are sampled from (exactly, by
-enumerating the drafter's draws), rollback, and lossless decoding with the drafter."""
+enumerating the drafter's draws), rollback, and lossless decoding with the drafter; chain and
+tree drafters alike (what trees add is in `specframe.testing.trees`)."""
 
 from __future__ import annotations
 
