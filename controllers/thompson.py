@@ -211,6 +211,8 @@ class CalibratedThompsonController(StoppingThompson):
     def _observations(self, round_stats: RoundStats) -> list[tuple[int, bool]]:
         judged = judged_positions(round_stats.depth, round_stats.accepted)
         confidences = round_stats.confidences
+        if round_stats.is_tree and len(confidences) == round_stats.drafted:  # a tree: its first chain's, per depth
+            confidences = tuple(confidences[node] for node in round_stats.first_chain())
         if len(confidences) < len(judged):
             confidences = self.seen_confidences
         return [(self._bin(c), ok) for c, ok in zip(confidences, judged)]

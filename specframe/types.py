@@ -127,6 +127,16 @@ class RoundStats:
         """Every depth drafted was accepted (for a chain: every draft)."""
         return self.accepted == self.depth
 
+    def first_chain(self) -> list[int]:
+        """A tree's first chain: from the root, each node's first child as listed (a chain: all)."""
+        if not self.is_tree:
+            return list(range(self.drafted))
+        below, node, chain = children(self.parents), ROOT, []
+        while below[node]:
+            node = below[node][0]
+            chain.append(node)
+        return chain
+
     @property
     def first_choice_accepted(self) -> int:
         """Accepted drafts along the tree's first chain (each node its parent's first child, as

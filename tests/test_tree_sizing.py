@@ -38,6 +38,17 @@ def test_round_stats_of_a_tree(path, first_chain, rejection):
     assert stats.all_accepted == (len(path) == 3)
 
 
+def test_calibrated_thompson_bins_a_tree_round_by_its_first_chains_confidences():
+    """A dynamic tree lists its nodes layer by layer; each depth is binned by its first chain's node."""
+    from specframe.controllers.thompson import CalibratedThompsonController
+
+    controller = CalibratedThompsonController(bins=2, discount=1.0)
+    alpha = list(controller.posterior.alpha)
+    layered = (-1, -1, 0, 0)  # depth 1: nodes 0, 1; depth 2: nodes 2, 3 (children of node 0)
+    controller.update(RoundStats(4, 2, (0.9, 0.1, 0.8, 0.2), parents=layered, path=(0, 2)))
+    assert controller.posterior.alpha == [alpha[0], alpha[1] + 2]  # 0.9 and 0.8, both in the upper bin
+
+
 def test_round_stats_of_a_chain_are_as_before():
     assert RoundStats(4, 2).depth == 4 and RoundStats(4, 2).first_choice_accepted == 2
     assert RoundStats(4, 2).first_rejection() == (1, False) and RoundStats(4, 4).first_rejection() is None
