@@ -114,3 +114,18 @@ def test_sampling_with_a_dynamic_tree_is_exactly_the_target_distribution(tempera
     got = engine_distribution(toy, parts, PROMPT, 4, config)
     expected = autoregressive_distribution(toy, PROMPT, 4, config)
     assert largest_difference(got, expected)[0] <= FLOAT32_TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("controller, options", [("fixed", {"k": 12}), ("thompson_cost", {"max_width": 4})])
+def test_default_model_greedy_dynamic_tree_equality_with_the_shipped_head(registry, controller, options):
+    from specframe.models import load_model
+
+    model, tokenizer = load_model(dtype="fp32")
+    text = "Explain what a hash table is."
+    expected = SpeculativeDecoder(model, tokenizer, drafter=None, registry=registry).generate(
+        text, max_new_tokens=48).tokens
+    decoder = SpeculativeDecoder(model, tokenizer, drafter="early_exit", controller=controller, registry=registry,
+                                 controller_options=options, drafter_options={"width": 3, "tree": "dynamic"})
+    result = decoder.generate(text, max_new_tokens=48)
+    assert result.tokens == expected and result.stats.tree_rounds > 0
