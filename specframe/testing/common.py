@@ -39,6 +39,7 @@ class KitSettings:
     samplings: tuple[SamplingConfig, ...] = DEFAULT_SAMPLINGS  # settings of the distribution checks
     length: int = field(default=5, validator=v.ge(2))  # new tokens per generation in those checks
     schedule: tuple[int, ...] = (3, 1, 2)  # draft lengths the kit's controller asks for (see ScriptedController)
+    widths: tuple[int, ...] = (1, 2, 3)  # tree widths it plans in the sampling check (drafters that ask)
     tolerance: float = 1e-9  # exact checks on float64 parts; FLOAT32_TOLERANCE where a part is float32
     max_replays: int = field(default=20_000, validator=v.ge(1))  # engine replays per enumeration
     # the statistical tests, for parts whose randomness does not go through the sampler

@@ -222,7 +222,8 @@ def check_drafter(name: str, registry: PluginRegistry | None = None, *, options:
         sampling_model, which = model_for(make, settings)
         llama = tiny_llama(settings.vocab_size, seed=settings.seed)
     greedy_parts = lambda: (make(), KitController(settings.max_draft), reference_verifier())  # noqa: E731
-    sampled_parts = lambda: (make(), ScriptedController(settings.schedule), reference_verifier())  # noqa: E731
+    sampled_parts = lambda: (make(), ScriptedController(settings.schedule, widths=settings.widths),  # noqa: E731
+                             reference_verifier())
     checks = [
         ("contract", "drafts keep the shape, range, q and controller contract",
          lambda: drafter_contract(make, sampling_model, settings, name)),
