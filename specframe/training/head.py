@@ -92,14 +92,10 @@ def train_head(model, train: DistillSet, heldout: DistillSet | None, config: Hea
     head = head_class(config.head_kind, "(training)")(model, config.layer, config.head_layers, vocab_ids)
     head = head.to(device).float().train()
     vocab_map = head_vocab_map(head, device)
-    parameters = [p for p in head.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.98))
     generator = torch.Generator().manual_seed(config.seed)
     plan = [b for _ in range(config.epochs) for b in train.batches(config.tokens_per_batch, generator)]
     total = max(1, len(plan))
-    warmup = min(100, total // 10 + 1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    parameters, optimizer, schedule = _optimisation(head, config, total)
     identity = run_identity(config, train, vocab_ids)
     progress = (checkpoints and checkpoints.resume(identity, head, optimizer, schedule, generator)) or TrainingProgress()
     if progress.step:
@@ -123,11 +119,8 @@ def train_head(model, train: DistillSet, heldout: DistillSet | None, config: Hea
             bar.update(1)
             evaluated = heldout is not None and progress.step in eval_points
             if evaluated:
-                minutes = progress.minutes + (time.perf_counter() - started) / 60
-                point = {"step": progress.step, "tokens_seen": progress.seen, "minutes": round(minutes, 2),
-                         "loss": round(progress.smoothed, 4), **evaluate(head, heldout, vocab_map, device)}
-                progress.curve.append(point)
-                log(f"eval {json.dumps(point)}")
+                progress.curve.append(_evaluation_point(head, heldout, vocab_map, progress, started))
+                log(f"eval {json.dumps(progress.curve[-1])}")
             if checkpoints and progress.step < total and (evaluated or checkpoints.due()):
                 _save(checkpoints, identity, progress, started, head, optimizer, schedule, generator)
     except KeyboardInterrupt:
@@ -138,6 +131,22 @@ def train_head(model, train: DistillSet, heldout: DistillSet | None, config: Hea
         raise
     bar.close()
     return head.eval(), progress.curve, vocab_map
+
+
+def _optimisation(head, config: HeadTraining, total: int) -> tuple:
+    """(trainable parameters, AdamW, its schedule: linear warm-up, then cosine decay over `total` steps)."""
+    parameters = [p for p in head.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warmup = min(100, total // 10 + 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    return parameters, optimizer, schedule
+
+
+def _evaluation_point(head, heldout: DistillSet, vocab_map, progress: TrainingProgress, started: float) -> dict:
+    minutes = progress.minutes + (time.perf_counter() - started) / 60
+    return {"step": progress.step, "tokens_seen": progress.seen, "minutes": round(minutes, 2),
+            "loss": round(progress.smoothed, 4), **evaluate(head, heldout, vocab_map, head.norm.weight.device)}
 
 
 def batch_loss(head, data: DistillSet, indices: list[int], config: HeadTraining, vocab_map, generator,
