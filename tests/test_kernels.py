@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from specframe import kernels
+from specframe.kernels import attention, build, linear
 from specframe.kernels import FewRowKernels, KernelCheckError, build_library, few_rows_linear, load_library
 from specframe.target import TargetModel
 
@@ -32,7 +33,7 @@ def kernel():
 
 @pytest.fixture
 def no_kernel(monkeypatch):
-    monkeypatch.setattr(kernels, "library", lambda: None)
+    monkeypatch.setattr(build, "library", lambda: None)
 
 
 @pytest.mark.parametrize("rows", range(1, 17))
@@ -53,14 +54,14 @@ def test_each_row_is_bitwise_the_one_row_product(kernel):
 
 
 def test_a_wrong_kernel_is_refused(kernel, monkeypatch, tmp_path):
-    monkeypatch.setattr(kernels, "_kernel_dir", lambda: tmp_path)
+    monkeypatch.setattr(build, "_kernel_dir", lambda: tmp_path)
     broken = kernels.C_SOURCE.replace("for (int kk = k; kk < K; kk++) s +=", "for (int kk = k; kk < K; kk++) s -=")
     with pytest.raises(KernelCheckError, match="wrongly"):
         load_library(build_library(shutil.which("cc") or shutil.which("gcc"), kernels.CFLAGS, broken))
 
 
 def test_a_failing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
-    monkeypatch.setattr(kernels, "_kernel_dir", lambda: tmp_path)
+    monkeypatch.setattr(build, "_kernel_dir", lambda: tmp_path)
     monkeypatch.setenv("CC", "false")
     kernels.library.cache_clear()
     try:
@@ -93,8 +94,10 @@ def test_target_logits_match_pytorch_for_1_to_16_new_tokens(kernel, t):
 
 def test_a_pass_routes_every_linear_through_the_kernel(kernel, tiny_model, monkeypatch):
     calls = []
-    monkeypatch.setattr(kernels, "few_rows_linear", lambda *args: calls.append(args[1].shape) or F.linear(*args))
-    TargetModel(tiny_model).forward(torch.tensor([3, 4, 5]))
+    monkeypatch.setattr(linear, "few_rows_linear", lambda *args: calls.append(args[1].shape) or F.linear(*args))
+    target = TargetModel(tiny_model)
+    target.compiled = None  # the PyTorch path of the layers, as for a model the compiled layers do not cover
+    target.forward(torch.tensor([3, 4, 5]))
     layers = tiny_model.config.num_hidden_layers
     assert len(calls) == 7 * layers + 1  # q, k, v, o, gate, up, down per layer, and the LM head
 
@@ -186,13 +189,14 @@ def test_a_verification_pass_gives_bitwise_the_logits_of_one_token_passes(kernel
 
 def test_a_pass_runs_the_few_row_attention(tiny_model, monkeypatch):
     calls = []
-    original = kernels.few_row_attention
-    monkeypatch.setattr(kernels, "few_row_attention", lambda *a, **k: calls.append(a[1].shape[2]) or original(*a, **k))
+    original = attention.few_row_attention
+    monkeypatch.setattr(attention, "few_row_attention", lambda *a, **k: calls.append(a[1].shape[2]) or original(*a, **k))
     from transformers import AttentionInterface
 
-    AttentionInterface.register(kernels.ATTENTION, kernels.few_row_attention)
+    target = TargetModel(tiny_model)  # registers the (patched) few-row attention
+    target.compiled = None
     try:
-        TargetModel(tiny_model).forward(torch.tensor([3, 4, 5]))
+        target.forward(torch.tensor([3, 4, 5]))
     finally:
         AttentionInterface.register(kernels.ATTENTION, original)
     assert calls == [3] * tiny_model.config.num_hidden_layers
@@ -236,7 +240,7 @@ def test_a_bad_thread_setting_is_a_config_error(monkeypatch, tiny_model):
 
 def test_more_than_one_thread_keeps_pytorch_kernels(kernel, tiny_model, monkeypatch):
     calls = []
-    monkeypatch.setattr(kernels, "few_rows_linear", lambda *args: calls.append(1) or F.linear(*args))
+    monkeypatch.setattr(linear, "few_rows_linear", lambda *args: calls.append(1) or F.linear(*args))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
