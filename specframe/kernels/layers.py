@@ -49,6 +49,14 @@ class CompiledLayers:
         self._dims = _Dims(config.hidden_size, self._heads, self._kv_heads, self._head_dim,
                            config.intermediate_size, layers[0].input_layernorm.variance_epsilon, attention.scaling)
         self._weights = [_layer_weights(layer) for layer in layers]  # each (9,) tensors, C's order
+        self._layers = list(layers)
+
+    def hooked(self) -> bool:
+        """Whether a forward hook now sits on a decoder layer (or on every module)."""
+        from torch.nn.modules import module
+
+        return bool(module._global_forward_hooks or module._global_forward_pre_hooks) or any(
+            layer._forward_hooks or layer._forward_pre_hooks for layer in self._layers)
 
     def run(self, hidden: torch.Tensor, first: int, last: int, start: int, cache, rope: tuple[torch.Tensor, ...],
             mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -92,9 +100,10 @@ def compiled_layers(model) -> CompiledLayers | None:
 
 
 def runs(layers: CompiledLayers | None, hidden: torch.Tensor) -> bool:
-    """Whether a pass over `hidden` (T, C) takes the compiled layers."""
+    """Whether a pass over `hidden` (T, C) takes the compiled layers: not when a hook was put on
+    a decoder layer since (it expects the layer's own forward to run)."""
     return (layers is not None and hidden.shape[0] <= MAX_ROWS and hidden.dtype == torch.float32
-            and not torch.is_grad_enabled())
+            and not torch.is_grad_enabled() and not layers.hooked())
 
 
 def _layer_weights(layer) -> list[torch.Tensor]:
