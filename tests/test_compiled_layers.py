@@ -95,6 +95,22 @@ def test_each_row_is_bitwise_the_row_of_a_one_token_pass(lib):
     assert torch.equal(together, alone)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_more_threads_give_bitwise_the_one_thread_rows(lib, threads):
+    model = tiny_llama(num_layers=3, seed=4, init=0.3, hidden_size=64)
+    hidden = torch.randn(30, 64, generator=torch.Generator().manual_seed(4))
+    mask, positions = tree_attention_mask(PARENTS, 23, "cpu"), tree_positions(PARENTS, 23, "cpu")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        many = [_compiled(model, lib, hidden, [16, 7, 7], mask, positions), _compiled(model, lib, hidden, [16, 14])]
+        torch.set_num_threads(1)
+        one = [_compiled(model, lib, hidden, [16, 7, 7], mask, positions), _compiled(model, lib, hidden, [16, 14])]
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(many, one))
+
+
 PARENTS = (-1, 0, 0, 1, 3, 2)  # root -> 0 -> 1 -> 3 -> 4, and root -> 0 -> 2 -> 5
 
 
@@ -165,7 +181,7 @@ def test_other_layers_keep_pytorchs_path(lib, change):
 
 def test_a_wrong_layer_kernel_is_refused(lib, monkeypatch, tmp_path):
     monkeypatch.setattr(build, "_kernel_dir", lambda: tmp_path)
-    broken = build.C_SOURCE.replace("s->g[i] = g / (1.0f + expf(-g)) * s->u[i];", "s->g[i] = g * s->u[i];")
+    broken = build.C_SOURCE.replace("g / (1.0f + expf(-g)) * j->u", "g * j->u")
     assert broken != build.C_SOURCE
     wrong = build.load_library(build.build_library(shutil.which("cc") or shutil.which("gcc"), build.CFLAGS, broken))
     assert "from transformers' layers" in layers._layer_check_error(wrong)

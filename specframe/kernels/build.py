@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 DISABLE_ENV = "SPECFRAME_FEW_ROW_KERNEL"  # "0": PyTorch's kernels (and the packed oneDNN LM head)
-CFLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+CFLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread")
 LINK_FLAGS = ("-lm",)
 C_SOURCE = (Path(__file__).parent / "few_rows.c").read_text()
 
@@ -38,7 +38,9 @@ def library() -> ctypes.CDLL | None:
     try:
         return load_library(build_library(compiler, CFLAGS))
     except (OSError, subprocess.SubprocessError, KernelCheckError) as exc:
-        warnings.warn(f"specframe: the few-row kernel is unavailable ({exc}); using PyTorch's kernels",
+        said = getattr(exc, "stderr", None) or b""
+        detail = f"{exc}: {said.decode(errors='replace').strip()[-500:]}" if said else str(exc)
+        warnings.warn(f"specframe: the few-row kernel is unavailable ({detail}); using PyTorch's kernels",
                       RuntimeWarning, stacklevel=2)
         return None
 
@@ -66,18 +68,21 @@ def build_library(compiler: str, flags: tuple[str, ...], source: str = C_SOURCE)
 def load_library(path: Path) -> ctypes.CDLL:
     """Load a built library and check its linear kernel against F.linear on every tail case."""
     lib = ctypes.CDLL(str(path))
-    lib.specframe_few_rows_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3
+    lib.specframe_few_rows_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
     lib.specframe_few_rows_linear.restype = ctypes.c_int
-    lib.specframe_layers.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                                     ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.specframe_layers.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                     ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.specframe_layers.restype = ctypes.c_int
     generator = torch.Generator().manual_seed(0)
     for T, K, N in ((1, 37, 9), (3, 64, 16), (5, 50, 7), (16, 96, 13)):
         x, w = torch.randn(T, K, generator=generator), torch.randn(N, K, generator=generator)
-        y = torch.empty(T, N)
-        lib.specframe_few_rows_linear(x.data_ptr(), w.data_ptr(), y.data_ptr(), T, K, N)
+        y, y_threads = torch.empty(T, N), torch.empty(T, N)
+        lib.specframe_few_rows_linear(x.data_ptr(), w.data_ptr(), y.data_ptr(), T, K, N, 1)
+        lib.specframe_few_rows_linear(x.data_ptr(), w.data_ptr(), y_threads.data_ptr(), T, K, N, 3)
         if not torch.allclose(y, x @ w.T, rtol=1e-4, atol=1e-4):
             raise KernelCheckError(f"{path.name} computed a {T}x{K} by {K}x{N} product wrongly")
+        if not torch.equal(y, y_threads):
+            raise KernelCheckError(f"{path.name} computed a {T}x{K} by {K}x{N} product differently on 3 threads")
     return lib
 
 

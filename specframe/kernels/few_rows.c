@@ -9,6 +9,10 @@
  * pass gives. Built by specframe/kernels/build.py with -O3 -march=native.
  */
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
@@ -95,8 +99,116 @@ static void linear_columns(const float *x, const float *w, float *y, int T, int 
     if (n < n1) last_rows(x, w + (size_t)n * K, y + n, T, K, N, n1 - n);
 }
 
-int specframe_few_rows_linear(const float *x, const float *w, float *y, int T, int K, int N) {
-    linear_columns(x, w, y, T, K, N, 0, N);
+/* ---- threads ---------------------------------------------------------------------------- */
+/* A pool of worker threads that sleep between calls. A call splits its work into `threads`
+ * shares: output columns at multiples of NB, heads, or (row, head) pairs. Each output element is
+ * computed by the same code whatever the share it falls in, so results are bitwise the same
+ * for every thread count. Inside a call the threads meet at spinning barriers (a decoder layer
+ * has five), so a thread the scheduler parks holds up the others: callers choose the count. */
+
+#define MAX_THREADS 64
+typedef void (*task)(void *job, int id, int n);
+
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER; /* one parallel call at a time */
+static pthread_mutex_t wake_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
+static int workers; /* started so far (ids 1..workers) */
+static long generation; /* bumped for each call, under wake_lock */
+static task job_task;
+static void *job_data;
+static int job_threads;
+static atomic_int finished;
+
+static void relax(int *spins) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (++*spins < 4000) { __builtin_ia32_pause(); return; }
+#else
+    if (++*spins < 4000) return;
+#endif
+    sched_yield();
+}
+
+static void *worker(void *arg) {
+    int id = (int)(intptr_t)arg;
+    long seen = 0;
+    for (;;) {
+        pthread_mutex_lock(&wake_lock);
+        while (generation == seen) pthread_cond_wait(&wake, &wake_lock);
+        seen = generation;
+        task fn = job_task; void *data = job_data; int n = job_threads;
+        pthread_mutex_unlock(&wake_lock);
+        if (id < n) { fn(data, id, n); atomic_fetch_add(&finished, 1); }
+    }
+    return NULL;
+}
+
+static void after_fork_in_child(void) { /* the workers did not survive the fork */
+    workers = 0; generation = 0;
+    pthread_mutex_init(&pool_lock, NULL); pthread_mutex_init(&wake_lock, NULL); pthread_cond_init(&wake, NULL);
+}
+
+static void run_parallel(task fn, void *data, int n) {
+    if (n > MAX_THREADS) n = MAX_THREADS;
+    if (n <= 1) { fn(data, 0, 1); return; }
+    pthread_mutex_lock(&pool_lock);
+    static int registered;
+    if (!registered) registered = !pthread_atfork(NULL, NULL, after_fork_in_child);
+    while (workers < n - 1) {
+        pthread_t thread;
+        if (pthread_create(&thread, NULL, worker, (void *)(intptr_t)(workers + 1))) break;
+        pthread_detach(thread);
+        workers++;
+    }
+    if (n > workers + 1) n = workers + 1;
+    pthread_mutex_lock(&wake_lock);
+    job_task = fn; job_data = data; job_threads = n;
+    atomic_store(&finished, 0);
+    generation++;
+    pthread_cond_broadcast(&wake);
+    pthread_mutex_unlock(&wake_lock);
+    fn(data, 0, n);
+    for (int spins = 0; atomic_load(&finished) < n - 1;) relax(&spins);
+    pthread_mutex_unlock(&pool_lock);
+}
+
+typedef struct { atomic_int arrived, phase; } barrier;
+
+static void meet(barrier *b, int n) {
+    if (n == 1) return;
+    int phase = atomic_load(&b->phase);
+    if (atomic_fetch_add(&b->arrived, 1) == n - 1) {
+        atomic_store(&b->arrived, 0);
+        atomic_fetch_add(&b->phase, 1);
+        return;
+    }
+    for (int spins = 0; atomic_load(&b->phase) == phase;) relax(&spins);
+}
+
+/* thread id's share [*lo, *hi) of `units` units */
+static void share(int units, int id, int n, int *lo, int *hi) {
+    *lo = (int)((long)units * id / n);
+    *hi = (int)((long)units * (id + 1) / n);
+}
+
+/* thread id's share of the output columns [0, N): whole blocks of NB, the tail with the last */
+static void column_share(int N, int id, int n, int *n0, int *n1) {
+    share((N + NB - 1) / NB, id, n, n0, n1);
+    *n0 *= NB;
+    *n1 = *n1 * NB < N ? *n1 * NB : N;
+}
+
+typedef struct { const float *x, *w; float *y; int T, K, N; } linear_job;
+
+static void linear_task(void *data, int id, int n) {
+    linear_job *j = data;
+    int n0, n1;
+    column_share(j->N, id, n, &n0, &n1);
+    linear_columns(j->x, j->w, j->y, j->T, j->K, j->N, n0, n1);
+}
+
+int specframe_few_rows_linear(const float *x, const float *w, float *y, int T, int K, int N, int threads) {
+    linear_job job = {x, w, y, T, K, N};
+    run_parallel(linear_task, &job, threads);
     return 0;
 }
 
@@ -161,72 +273,129 @@ static void attend(const float *q, const float *keys, const float *values, const
     for (int d = 0; d < D; d++) out[d] *= inverse;
 }
 
-typedef struct { /* the scratch rows of a pass */
-    float *h, *q, *k, *v, *a, *g, *u, *scores;
-} scratch;
+typedef struct { /* one call of specframe_layers; h and scores: one slice per thread */
+    const specframe_dims *d;
+    const specframe_layer *layers;
+    int n_layers, T, start;
+    float *x;
+    const float *cos, *sin;
+    const unsigned char *mask;
+    float *q, *k, *v, *a, *g, *u, *y, *h, *scores;
+    size_t h_stride, scores_stride;
+    barrier meeting;
+} layers_job;
 
-static void attention_block(const specframe_dims *d, const specframe_layer *l, float *x, int T, int start,
-                            const float *cos, const float *sin, const unsigned char *mask, scratch *s) {
-    int C = d->C, H = d->H, Hkv = d->Hkv, D = d->D, group = H / Hkv, S = start + T;
-    rms_norm(x, l->input_norm, s->h, T, C, d->eps);
-    linear_columns(s->h, l->q, s->q, T, C, H * D, 0, H * D);
-    linear_columns(s->h, l->k, s->k, T, C, Hkv * D, 0, Hkv * D);
-    linear_columns(s->h, l->v, s->v, T, C, Hkv * D, 0, Hkv * D);
-    for (int t = 0; t < T; t++) {
-        rope(s->q + (size_t)t * H * D, cos + (size_t)t * D, sin + (size_t)t * D, H, D);
-        rope(s->k + (size_t)t * Hkv * D, cos + (size_t)t * D, sin + (size_t)t * D, Hkv, D);
-        for (int g = 0; g < Hkv; g++) {
-            size_t at = ((size_t)g * l->capacity + start + t) * D;
-            memcpy(l->keys + at, s->k + ((size_t)t * Hkv + g) * D, sizeof(float) * D);
-            memcpy(l->values + at, s->v + ((size_t)t * Hkv + g) * D, sizeof(float) * D);
-        }
+/* the rotary embedding of heads [h0, h1) of every row of x (T, heads * D), in place */
+static void rope_heads(const layers_job *j, float *x, int heads, int h0, int h1) {
+    int D = j->d->D;
+    for (int t = 0; t < j->T; t++)
+        rope(x + ((size_t)t * heads + h0) * D, j->cos + (size_t)t * D, j->sin + (size_t)t * D, h1 - h0, D);
+}
+
+/* keys or values of heads [g0, g1) of the new rows (T, Hkv * D) into a (Hkv, capacity, D) cache */
+static void to_cache(const layers_job *j, const specframe_layer *l, const float *rows, float *cache, int g0, int g1) {
+    int Hkv = j->d->Hkv, D = j->d->D;
+    for (int t = 0; t < j->T; t++)
+        for (int g = g0; g < g1; g++)
+            memcpy(cache + ((size_t)g * l->capacity + j->start + t) * D, rows + ((size_t)t * Hkv + g) * D,
+                   sizeof(float) * D);
+}
+
+static void projections(layers_job *j, const specframe_layer *l, const float *h, int id, int n) {
+    const specframe_dims *d = j->d;
+    int C = d->C, H = d->H, Hkv = d->Hkv, D = d->D, T = j->T, lo, hi;
+    share(H, id, n, &lo, &hi);
+    linear_columns(h, l->q, j->q, T, C, H * D, lo * D, hi * D);
+    rope_heads(j, j->q, H, lo, hi);
+    share(Hkv, id, n, &lo, &hi);
+    linear_columns(h, l->k, j->k, T, C, Hkv * D, lo * D, hi * D);
+    rope_heads(j, j->k, Hkv, lo, hi);
+    to_cache(j, l, j->k, l->keys, lo, hi);
+    linear_columns(h, l->v, j->v, T, C, Hkv * D, lo * D, hi * D);
+    to_cache(j, l, j->v, l->values, lo, hi);
+}
+
+static void attention(layers_job *j, const specframe_layer *l, int id, int n) {
+    const specframe_dims *d = j->d;
+    int H = d->H, D = d->D, group = H / d->Hkv, S = j->start + j->T, lo, hi;
+    share(j->T * H, id, n, &lo, &hi);
+    for (int item = lo; item < hi; item++) {
+        int t = item / H, h = item % H;
+        size_t cache = (size_t)(h / group) * l->capacity * D;
+        attend(j->q + ((size_t)t * H + h) * D, l->keys + cache, l->values + cache,
+               j->mask ? j->mask + (size_t)t * S : NULL, j->mask ? S : j->start + t + 1, D, d->scale,
+               j->scores + id * j->scores_stride, j->a + ((size_t)t * H + h) * D);
     }
+}
+
+/* x[:, n0:n1] += in[:, n0:n1] @ w[n0:n1]^T: a residual branch's output columns */
+static void add_columns(layers_job *j, const float *in, const float *w, int K, int id, int n) {
+    int C = j->d->C, n0, n1;
+    column_share(C, id, n, &n0, &n1);
+    linear_columns(in, w, j->y, j->T, K, C, n0, n1);
+    for (int t = 0; t < j->T; t++)
+        for (int c = n0; c < n1; c++) j->x[(size_t)t * C + c] = j->x[(size_t)t * C + c] + j->y[(size_t)t * C + c];
+}
+
+static void gate_up(layers_job *j, const specframe_layer *l, const float *h, int id, int n) {
+    int C = j->d->C, I = j->d->I, T = j->T, n0, n1;
+    column_share(I, id, n, &n0, &n1);
+    linear_columns(h, l->gate, j->g, T, C, I, n0, n1);
+    linear_columns(h, l->up, j->u, T, C, I, n0, n1);
     for (int t = 0; t < T; t++)
-        for (int h = 0; h < H; h++) {
-            size_t cache = (size_t)(h / group) * l->capacity * D;
-            attend(s->q + ((size_t)t * H + h) * D, l->keys + cache, l->values + cache,
-                   mask ? mask + (size_t)t * S : NULL, mask ? S : start + t + 1, D, d->scale, s->scores,
-                   s->a + ((size_t)t * H + h) * D);
+        for (int i = n0; i < n1; i++) {
+            float g = j->g[(size_t)t * I + i];
+            j->g[(size_t)t * I + i] = g / (1.0f + expf(-g)) * j->u[(size_t)t * I + i];
         }
-    linear_columns(s->a, l->o, s->h, T, H * D, C, 0, C);
-    for (size_t i = 0; i < (size_t)T * C; i++) x[i] = x[i] + s->h[i];
 }
 
-static void mlp_block(const specframe_dims *d, const specframe_layer *l, float *x, int T, scratch *s) {
-    int C = d->C, I = d->I;
-    rms_norm(x, l->post_norm, s->h, T, C, d->eps);
-    linear_columns(s->h, l->gate, s->g, T, C, I, 0, I);
-    linear_columns(s->h, l->up, s->u, T, C, I, 0, I);
-    for (size_t i = 0; i < (size_t)T * I; i++) {
-        float g = s->g[i];
-        s->g[i] = g / (1.0f + expf(-g)) * s->u[i];
+static void layers_task(void *data, int id, int n) {
+    layers_job *j = data;
+    const specframe_dims *d = j->d;
+    float *h = j->h + id * j->h_stride; /* each thread normalises the rows itself: no barrier for it */
+    for (int i = 0; i < j->n_layers; i++) {
+        const specframe_layer *l = j->layers + i;
+        rms_norm(j->x, l->input_norm, h, j->T, d->C, d->eps);
+        projections(j, l, h, id, n);
+        meet(&j->meeting, n);
+        attention(j, l, id, n);
+        meet(&j->meeting, n);
+        add_columns(j, j->a, l->o, d->H * d->D, id, n);
+        meet(&j->meeting, n);
+        rms_norm(j->x, l->post_norm, h, j->T, d->C, d->eps);
+        gate_up(j, l, h, id, n);
+        meet(&j->meeting, n);
+        add_columns(j, j->g, l->down, d->I, id, n);
+        meet(&j->meeting, n);
     }
-    linear_columns(s->g, l->down, s->h, T, I, C, 0, C);
-    for (size_t i = 0; i < (size_t)T * C; i++) x[i] = x[i] + s->h[i];
 }
+
+static size_t padded(size_t floats) { return (floats + 15) & ~(size_t)15; } /* 64-byte pieces */
 
 /* x (T, C): the residual stream of T new tokens at positions start.., updated in place through
- * n_layers layers. cos, sin (T, D): the rotary embedding of each row. mask: NULL (causal: row t
- * sees cached positions and new rows <= t) or (T, start + T) bytes, row t seeing the keys it
- * marks (a token tree). Keys and values of the new rows are written at start.. of each cache.
- * Returns 0, or -1 when scratch memory cannot be had (nothing is changed then). */
+ * n_layers layers on `threads` threads. cos, sin (T, D): the rotary embedding of each row. mask:
+ * NULL (causal: row t sees cached positions and new rows <= t) or (T, start + T) bytes, row t
+ * seeing the keys it marks (a token tree). Keys and values of the new rows are written at
+ * start.. of each cache. Returns 0, or < 0 when scratch memory cannot be had or D is too large
+ * (nothing is changed then). */
 int specframe_layers(const specframe_dims *d, const specframe_layer *layers, int n_layers, float *x, int T,
-                     int start, const float *cos, const float *sin, const unsigned char *mask) {
+                     int start, const float *cos, const float *sin, const unsigned char *mask, int threads) {
     int C = d->C, H = d->H, Hkv = d->Hkv, D = d->D, I = d->I;
     if (D > 1024) return -2;
-    size_t sizes[8] = {(size_t)T * (C > H * D ? C : H * D), (size_t)T * H * D, (size_t)T * Hkv * D,
-                       (size_t)T * Hkv * D, (size_t)T * H * D, (size_t)T * I, (size_t)T * I, (size_t)start + T};
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads < 1 || D % NB) threads = 1; /* head shares must be whole blocks of NB columns */
+    layers_job j = {.d = d, .layers = layers, .n_layers = n_layers, .T = T, .start = start, .x = x, .cos = cos,
+                    .sin = sin, .mask = mask, .h_stride = padded((size_t)T * C),
+                    .scores_stride = padded((size_t)start + T)};
+    size_t sizes[9] = {(size_t)T * H * D, (size_t)T * Hkv * D, (size_t)T * Hkv * D, (size_t)T * H * D,
+                       (size_t)T * I, (size_t)T * I, (size_t)T * C, threads * j.h_stride, threads * j.scores_stride};
     size_t total = 0;
-    for (int i = 0; i < 8; i++) total += (sizes[i] + 15) & ~(size_t)15; /* 64-byte aligned pieces */
-    float *memory = aligned_alloc(64, total * sizeof(float));
+    for (int i = 0; i < 9; i++) total += padded(sizes[i]);
+    float *memory = aligned_alloc(64, total * sizeof(float)), *at = memory;
     if (!memory) return -1;
-    float *pieces[8], *at = memory;
-    for (int i = 0; i < 8; i++) { pieces[i] = at; at += (sizes[i] + 15) & ~(size_t)15; }
-    scratch s = {pieces[0], pieces[1], pieces[2], pieces[3], pieces[4], pieces[5], pieces[6], pieces[7]};
-    for (int i = 0; i < n_layers; i++) {
-        attention_block(d, layers + i, x, T, start, cos, sin, mask, &s);
-        mlp_block(d, layers + i, x, T, &s);
-    }
+    float **pieces[9] = {&j.q, &j.k, &j.v, &j.a, &j.g, &j.u, &j.y, &j.h, &j.scores};
+    for (int i = 0; i < 9; i++) { *pieces[i] = at; at += padded(sizes[i]); }
+    run_parallel(layers_task, &j, threads);
     free(memory);
     return 0;
 }

@@ -82,7 +82,7 @@ class CompiledLayers:
         tree = None if mask is None else mask[0, 0].to(torch.uint8).contiguous()
         status = self._lib.specframe_layers(ctypes.byref(self._dims), table.data_ptr(), last - first, x.data_ptr(),
                                             T, start, cos.data_ptr(), sin.data_ptr(),
-                                            None if tree is None else tree.data_ptr())
+                                            None if tree is None else tree.data_ptr(), torch.get_num_threads())
         if status != 0:
             raise MemoryError(f"the compiled decoder layers could not allocate scratch memory (status {status})")
         for index in range(first, last):

@@ -32,7 +32,8 @@ from .attention import ATTENTION, MAX_ROWS, sdpa_config
 
 
 def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for CPU fp32 with at most MAX_ROWS rows, through the compiled kernel.
+    """F.linear for CPU fp32 with at most MAX_ROWS rows, through the compiled kernel on torch's
+    number of threads (the result is bitwise the same for any number).
 
     x: (..., K) with T = x.numel() // K rows; weight: (N, K) contiguous. Returns (..., N).
     Callers check `build.library()` first; this assumes it is there.
@@ -40,7 +41,8 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     N, K = weight.shape
     x = x.contiguous()  # (T, K) in memory
     out = x.new_empty((*x.shape[:-1], N))  # (T, N) in memory
-    build.library().specframe_few_rows_linear(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // K, K, N)
+    build.library().specframe_few_rows_linear(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // K, K, N,
+                                              torch.get_num_threads())
     if bias is not None:
         out += bias
     return out
@@ -94,7 +96,7 @@ class FewRowKernels:
 
 def _kernel_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight, bias = module.weight, module.bias
-    if (torch.get_num_threads() != 1 or x.dtype is not torch.float32 or weight.dtype is not torch.float32 or not x.is_cpu
+    if (x.dtype is not torch.float32 or weight.dtype is not torch.float32 or not x.is_cpu
             or x.numel() > MAX_ROWS * x.shape[-1] or not weight.is_contiguous()
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return F.linear(x, weight, bias)
