@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from specframe import kernels
-from specframe.kernels import attention, build, linear
+from specframe.kernels import attention, build, linear, threads
 from specframe.kernels import FewRowKernels, KernelCheckError, build_library, few_rows_linear, load_library
 from specframe.target import TargetModel
 
@@ -202,12 +202,17 @@ def test_a_pass_runs_the_few_row_attention(tiny_model, monkeypatch):
     assert calls == [3] * tiny_model.config.num_hidden_layers
 
 
-def _threads_seen(monkeypatch, tiny_model, settings: int, env: str | None) -> tuple[set[int], list[int]]:
-    """Threads torch had in each target pass, and in the caller between tokens and after."""
+def _threads_seen(monkeypatch, tiny_model, settings: int, env: str | None,
+                  idle: tuple[float, ...] = (1.0,)) -> tuple[set[int], list[int]]:
+    """Threads torch had in each target pass, and in the caller between tokens and after, with
+    `idle` the idle CPUs each look at the load finds (the last repeated)."""
     from specframe import SpeculativeDecoder
 
     if env is not None:
         monkeypatch.setenv(kernels.THREADS_ENV, env)
+    looks = iter(idle)
+    monkeypatch.setattr(threads._LOAD, "idle_cpus", lambda: next(looks, idle[-1]))
+    monkeypatch.setattr(threads, "RECHECK_SECONDS", 0.0)  # look at every step
     inside, outside = set(), []
     forward = TargetModel.forward
     monkeypatch.setattr(TargetModel, "forward", lambda self, *a, **k: inside.add(torch.get_num_threads())
@@ -224,11 +229,40 @@ def _threads_seen(monkeypatch, tiny_model, settings: int, env: str | None) -> tu
     return inside, outside
 
 
-@pytest.mark.parametrize("env, expected", [(None, {1}), ("2", {2}), ("torch", {3})])
-def test_generation_runs_at_the_chosen_threads_and_gives_the_caller_its_own(monkeypatch, tiny_model, env, expected):
-    inside, outside = _threads_seen(monkeypatch, tiny_model, 3, env)
+@pytest.mark.parametrize("env, idle, expected", [(None, (0.5,), {1}), ("auto", (2.0,), {2}), (None, (9.0,), {3}),
+                                                 ("2", (0.0,), {2}), ("torch", (0.0,), {3})])
+def test_generation_runs_at_the_chosen_threads_and_gives_the_caller_its_own(monkeypatch, tiny_model, env, idle,
+                                                                           expected):
+    inside, outside = _threads_seen(monkeypatch, tiny_model, 3, env, idle)
     assert inside == expected
     assert set(outside) == {3}
+
+
+def test_a_generation_follows_the_load_as_it_goes(monkeypatch, tiny_model):
+    inside, _ = _threads_seen(monkeypatch, tiny_model, 2, None, (2.0, 2.0, 0.6))
+    assert inside == {2, 1}
+
+
+def test_without_a_reading_of_the_load_a_generation_starts_on_one_thread(monkeypatch, tiny_model):
+    inside, _ = _threads_seen(monkeypatch, tiny_model, 2, None, (None,))
+    assert inside == {1}
+
+
+@pytest.mark.parametrize("idle, cap, expected", [(0.0, 2, 1), (0.79, 2, 1), (0.85, 2, 1), (1.5, 2, 1), (1.85, 2, 2),
+                                                 (7.9, 2, 2), (3.9, 8, 4)])
+def test_threads_follow_the_idle_cpus(idle, cap, expected):
+    assert threads.threads_from_load(idle, cap) == expected
+
+
+def test_idle_cpus_leave_out_niced_work_and_this_process(monkeypatch):
+    readings = iter([(0.0, 0, 0, 0), (1.0, 100, 200, 100), (2.0, 300, 400, 200), (20.0, 300, 600, 200)])
+    monkeypatch.setattr(threads, "_reading", lambda: next(readings))
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    load = threads._Load()
+    assert load.idle_cpus() is None  # one reading: nothing to compare
+    assert load.idle_cpus() == 2.0  # all the busy time was this process's (niced time is not in "busy")
+    assert load.idle_cpus() == 1.0  # another process kept one CPU busy
+    assert load.idle_cpus() is None  # too long since the last reading to tell
 
 
 def test_a_bad_thread_setting_is_a_config_error(monkeypatch, tiny_model):

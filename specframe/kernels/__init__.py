@@ -12,9 +12,9 @@ from .attention import ATTENTION, MAX_ROWS, TREE_MASK_FLAG, few_row_attention
 from .build import C_SOURCE, CFLAGS, DISABLE_ENV, KernelCheckError, build_library, library, load_library
 from .layers import CompiledLayers, compiled_layers
 from .linear import FewRowKernels, few_rows_linear, pack_for_few_rows
-from .threads import THREADS_ENV, generation_threads, threads_for_generation
+from .threads import THREADS_ENV, ThreadChoice, generation_threads
 
 __all__ = ["ATTENTION", "C_SOURCE", "CFLAGS", "DISABLE_ENV", "MAX_ROWS", "THREADS_ENV", "TREE_MASK_FLAG",
            "CompiledLayers", "FewRowKernels", "KernelCheckError", "build_library", "compiled_layers",
            "few_row_attention", "few_rows_linear", "generation_threads", "library", "load_library",
-           "pack_for_few_rows", "threads_for_generation"]
+           "pack_for_few_rows", "ThreadChoice"]
