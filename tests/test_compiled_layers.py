@@ -77,6 +77,19 @@ def test_layers_match_transformers_on_a_tiny_llama(lib, T):
                        torch.arange(20 + T)[None])
 
 
+@pytest.mark.parametrize("head_dim", [8, 10, 16, 32, 64, 128])  # the vector widths' multiples, and not
+def test_layers_match_transformers_for_any_head_size(lib, head_dim):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=16, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=head_dim, initializer_range=0.2)
+    with torch.random.fork_rng():
+        torch.manual_seed(head_dim)
+        model = LlamaForCausalLM(config).eval()
+    hidden = torch.randn(24, 48, generator=torch.Generator().manual_seed(head_dim))
+    _assert_fp32_close(_compiled(model, lib, hidden, [16, 3, 5]), model, hidden, _causal(24), torch.arange(24)[None])
+
+
 @pytest.mark.slow
 def test_layers_match_transformers_on_the_default_model(lib, default_model):
     model, _ = default_model

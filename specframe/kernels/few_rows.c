@@ -251,26 +251,86 @@ static void rope(float *x, const float *cos, const float *sin, int heads, int D)
     }
 }
 
-/* One query head of one row over the keys it sees: all positions < n_keys, or those `seen` marks. */
-static void attend(const float *q, const float *keys, const float *values, const unsigned char *seen, int n_keys,
-                   int D, float scale, float *scores, float *out) {
-    float top = -INFINITY;
-    for (int s = 0; s < n_keys; s++) {
-        if (seen && !seen[s]) continue;
-        scores[s] = dot(q, keys + (size_t)s * D, D) * scale;
-        if (scores[s] > top) top = scores[s];
+/* Attention of `heads` query heads (rows of q, D apart) that share one key/value head, for one
+ * row: over the keys at positions 0..n_keys-1, or at order[0..n_keys-1] (a token tree's row:
+ * the cached positions, its ancestors and itself, in order, as a chain pass over its path sees
+ * them). Each key and value is loaded once for all heads. scores: heads * n_keys floats. Every
+ * (head, key) score and every output is computed by the same code whatever `heads` is. */
+#define HEAD_CHUNK 4
+
+static inline __attribute__((always_inline)) void attend_chunk(
+        const float *q, const float *keys, const float *values, const int *order, int n_keys, int D, int heads,
+        float scale, float *scores, float *out, const int DV, const int HC) {
+    vec qv[HC][DV], acc[HC][DV];
+    for (int h = 0; h < heads; h++) for (int c = 0; c < DV; c++) qv[h][c] = loadu(q + (size_t)h * D + c * VL);
+    for (int i = 0; i < n_keys; i++) {
+        const float *k = keys + (size_t)(order ? order[i] : i) * D;
+        vec kv[DV];
+        for (int c = 0; c < DV; c++) kv[c] = loadu(k + c * VL);
+        for (int h = 0; h < heads; h++) {
+            vec dot = (vec){0};
+            for (int c = 0; c < DV; c++) dot += qv[h][c] * kv[c];
+            scores[(size_t)h * n_keys + i] = hsum(dot) * scale;
+        }
     }
-    float total = 0.0f;
-    for (int d = 0; d < D; d++) out[d] = 0.0f;
-    for (int s = 0; s < n_keys; s++) {
-        if (seen && !seen[s]) continue;
-        float p = expf(scores[s] - top);
-        total += p;
-        const float *v = values + (size_t)s * D;
-        for (int d = 0; d < D; d++) out[d] += p * v[d];
+    float inverse[HC];
+    for (int h = 0; h < heads; h++) {
+        float *row = scores + (size_t)h * n_keys, top = -INFINITY, total = 0.0f;
+        for (int i = 0; i < n_keys; i++) top = row[i] > top ? row[i] : top;
+        for (int i = 0; i < n_keys; i++) { row[i] = expf(row[i] - top); total += row[i]; }
+        inverse[h] = 1.0f / total;
+        for (int c = 0; c < DV; c++) acc[h][c] = (vec){0};
     }
-    float inverse = 1.0f / total;
-    for (int d = 0; d < D; d++) out[d] *= inverse;
+    for (int i = 0; i < n_keys; i++) {
+        const float *v = values + (size_t)(order ? order[i] : i) * D;
+        vec vv[DV];
+        for (int c = 0; c < DV; c++) vv[c] = loadu(v + c * VL);
+        for (int h = 0; h < heads; h++) {
+            float p = scores[(size_t)h * n_keys + i];
+            for (int c = 0; c < DV; c++) acc[h][c] += p * vv[c];
+        }
+    }
+    for (int h = 0; h < heads; h++)
+        for (int c = 0; c < DV; c++) {
+            vec o = acc[h][c] * inverse[h];
+            __builtin_memcpy(out + (size_t)h * D + c * VL, &o, sizeof o);
+        }
+}
+
+/* The same for any D, without vectors kept in registers (the order of sums is the same per head). */
+static void attend_any(const float *q, const float *keys, const float *values, const int *order, int n_keys, int D,
+                       int heads, float scale, float *scores, float *out) {
+    for (int h = 0; h < heads; h++) {
+        float *row = scores + (size_t)h * n_keys, top = -INFINITY, total = 0.0f;
+        for (int i = 0; i < n_keys; i++) {
+            row[i] = dot(q + (size_t)h * D, keys + (size_t)(order ? order[i] : i) * D, D) * scale;
+            top = row[i] > top ? row[i] : top;
+        }
+        float *o = out + (size_t)h * D;
+        for (int d = 0; d < D; d++) o[d] = 0.0f;
+        for (int i = 0; i < n_keys; i++) {
+            row[i] = expf(row[i] - top);
+            total += row[i];
+            const float *v = values + (size_t)(order ? order[i] : i) * D;
+            for (int d = 0; d < D; d++) o[d] += row[i] * v[d];
+        }
+        for (int d = 0; d < D; d++) o[d] *= 1.0f / total;
+    }
+}
+
+static void attend(const float *q, const float *keys, const float *values, const int *order, int n_keys, int D,
+                   int heads, float scale, float *scores, float *out) {
+    int chunk = D == 8 * VL ? HEAD_CHUNK / 2 : HEAD_CHUNK; /* the accumulators fit in registers */
+    for (int h0 = 0; h0 < heads; h0 += chunk) {
+        int hc = heads - h0 < chunk ? heads - h0 : chunk;
+        const float *qh = q + (size_t)h0 * D;
+        float *oh = out + (size_t)h0 * D;
+        if (D == 4 * VL) attend_chunk(qh, keys, values, order, n_keys, D, hc, scale, scores, oh, 4, HEAD_CHUNK);
+        else if (D == VL) attend_chunk(qh, keys, values, order, n_keys, D, hc, scale, scores, oh, 1, HEAD_CHUNK);
+        else if (D == 2 * VL) attend_chunk(qh, keys, values, order, n_keys, D, hc, scale, scores, oh, 2, HEAD_CHUNK);
+        else if (D == 8 * VL) attend_chunk(qh, keys, values, order, n_keys, D, hc, scale, scores, oh, 8, HEAD_CHUNK / 2);
+        else attend_any(qh, keys, values, order, n_keys, D, hc, scale, scores, oh);
+    }
 }
 
 typedef struct { /* one call of specframe_layers; h and scores: one slice per thread */
@@ -279,7 +339,7 @@ typedef struct { /* one call of specframe_layers; h and scores: one slice per th
     int n_layers, T, start;
     float *x;
     const float *cos, *sin;
-    const unsigned char *mask;
+    const int *order, *seen; /* a tree pass: row t sees keys order[t * S ..], seen[t] of them */
     float *q, *k, *v, *a, *g, *u, *y, *h, *scores;
     size_t h_stride, scores_stride;
     barrier meeting;
@@ -317,14 +377,14 @@ static void projections(layers_job *j, const specframe_layer *l, const float *h,
 
 static void attention(layers_job *j, const specframe_layer *l, int id, int n) {
     const specframe_dims *d = j->d;
-    int H = d->H, D = d->D, group = H / d->Hkv, S = j->start + j->T, lo, hi;
-    share(j->T * H, id, n, &lo, &hi);
+    int H = d->H, Hkv = d->Hkv, D = d->D, group = H / Hkv, S = j->start + j->T, lo, hi;
+    share(j->T * Hkv, id, n, &lo, &hi);
     for (int item = lo; item < hi; item++) {
-        int t = item / H, h = item % H;
-        size_t cache = (size_t)(h / group) * l->capacity * D;
-        attend(j->q + ((size_t)t * H + h) * D, l->keys + cache, l->values + cache,
-               j->mask ? j->mask + (size_t)t * S : NULL, j->mask ? S : j->start + t + 1, D, d->scale,
-               j->scores + id * j->scores_stride, j->a + ((size_t)t * H + h) * D);
+        int t = item / Hkv, g = item % Hkv;
+        size_t cache = (size_t)g * l->capacity * D, heads = (size_t)t * H + (size_t)g * group;
+        attend(j->q + heads * D, l->keys + cache, l->values + cache, j->order ? j->order + (size_t)t * S : NULL,
+               j->order ? j->seen[t] : j->start + t + 1, D, group, d->scale, j->scores + id * j->scores_stride,
+               j->a + heads * D);
     }
 }
 
@@ -380,21 +440,29 @@ static size_t padded(size_t floats) { return (floats + 15) & ~(size_t)15; } /* 6
  * (nothing is changed then). */
 int specframe_layers(const specframe_dims *d, const specframe_layer *layers, int n_layers, float *x, int T,
                      int start, const float *cos, const float *sin, const unsigned char *mask, int threads) {
-    int C = d->C, H = d->H, Hkv = d->Hkv, D = d->D, I = d->I;
+    int C = d->C, H = d->H, Hkv = d->Hkv, D = d->D, I = d->I, S = start + T;
     if (D > 1024) return -2;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads < 1 || D % NB) threads = 1; /* head shares must be whole blocks of NB columns */
     layers_job j = {.d = d, .layers = layers, .n_layers = n_layers, .T = T, .start = start, .x = x, .cos = cos,
-                    .sin = sin, .mask = mask, .h_stride = padded((size_t)T * C),
-                    .scores_stride = padded((size_t)start + T)};
-    size_t sizes[9] = {(size_t)T * H * D, (size_t)T * Hkv * D, (size_t)T * Hkv * D, (size_t)T * H * D,
-                       (size_t)T * I, (size_t)T * I, (size_t)T * C, threads * j.h_stride, threads * j.scores_stride};
+                    .sin = sin, .h_stride = padded((size_t)T * C), .scores_stride = padded((size_t)HEAD_CHUNK * S)};
+    size_t sizes[10] = {(size_t)T * H * D, (size_t)T * Hkv * D, (size_t)T * Hkv * D, (size_t)T * H * D,
+                        (size_t)T * I, (size_t)T * I, (size_t)T * C, threads * j.h_stride, threads * j.scores_stride,
+                        mask ? (size_t)T * S + T : 0};
     size_t total = 0;
-    for (int i = 0; i < 9; i++) total += padded(sizes[i]);
+    for (int i = 0; i < 10; i++) total += padded(sizes[i]);
     float *memory = aligned_alloc(64, total * sizeof(float)), *at = memory;
     if (!memory) return -1;
     float **pieces[9] = {&j.q, &j.k, &j.v, &j.a, &j.g, &j.u, &j.y, &j.h, &j.scores};
     for (int i = 0; i < 9; i++) { *pieces[i] = at; at += padded(sizes[i]); }
+    if (mask) { /* each row's keys, in order */
+        int *order = (int *)at, *seen = order + (size_t)T * S;
+        for (int t = 0; t < T; t++) {
+            seen[t] = 0;
+            for (int s = 0; s < S; s++) if (mask[(size_t)t * S + s]) order[(size_t)t * S + seen[t]++] = s;
+        }
+        j.order = order, j.seen = seen;
+    }
     run_parallel(layers_task, &j, threads);
     free(memory);
     return 0;

@@ -151,7 +151,7 @@ def _layer_check_error(lib: ctypes.CDLL) -> str | None:
     from ..target import KVCache
 
     config = LlamaConfig(vocab_size=16, hidden_size=40, intermediate_size=56, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=10)
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).eval()
