@@ -309,8 +309,7 @@ class TargetModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head on (T, C) hidden states of the last layer -> (T, V)."""
-        with self.kernels:
-            return self.model.lm_head(self.final_norm(hidden))
+        return self.kernels.forward(self.model.lm_head, self.final_norm(hidden))
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.model.norm(hidden)

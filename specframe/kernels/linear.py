@@ -93,6 +93,13 @@ class FewRowKernels:
             if self._config is not None:
                 self._config._attn_implementation_internal = "sdpa"
 
+    def forward(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """`module(x)` on its few-row path, without entering a block (routing every linear
+        costs about a millisecond a pass; the compiled layers need only the LM head routed)."""
+        route = next((forward for m, forward in self._routes if m is module), None)
+        return route(x) if route is not None and not module._forward_hooks and not module._forward_pre_hooks \
+            else module(x)
+
 
 def _kernel_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight, bias = module.weight, module.bias
