@@ -190,7 +190,8 @@ def test_a_verification_pass_gives_bitwise_the_logits_of_one_token_passes(kernel
 def test_a_pass_runs_the_few_row_attention(tiny_model, monkeypatch):
     calls = []
     original = attention.few_row_attention
-    monkeypatch.setattr(attention, "few_row_attention", lambda *a, **k: calls.append(a[1].shape[2]) or original(*a, **k))
+    monkeypatch.setattr(attention, "few_row_attention",
+                        lambda *a, **k: calls.append(a[1].shape[2]) or original(*a, **k))
     from transformers import AttentionInterface
 
     target = TargetModel(tiny_model)  # registers the (patched) few-row attention
