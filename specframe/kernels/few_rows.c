@@ -25,7 +25,7 @@
 #define TB 2
 #endif
 #define NB 4
-#define PF 2 /* prefetch the weight block this many tiles ahead */
+#define PF 6 /* prefetch the weight block this many tiles ahead, into L2 (docs/benchmarks.md) */
 typedef float vec __attribute__((vector_size(VL * 4)));
 typedef float half __attribute__((vector_size(VL * 2)));
 
@@ -49,7 +49,7 @@ static inline __attribute__((always_inline)) void tile(const float *x, const flo
     for (int i = 0; i < tb; i++) for (int j = 0; j < NB; j++) acc[i][j] = (vec){0};
     int k = 0;
     for (; k + VL <= K; k += VL) {
-        if (pf) for (int line = 0; line < NB * VL; line += 16) __builtin_prefetch(pf + NB * (size_t)k + line, 0, 3);
+        if (pf) for (int line = 0; line < NB * VL; line += 16) __builtin_prefetch(pf + NB * (size_t)k + line, 0, 2);
         vec w0 = loadu(w + k), w1 = loadu(w + K + k), w2 = loadu(w + 2 * (size_t)K + k), w3 = loadu(w + 3 * (size_t)K + k);
         for (int i = 0; i < tb; i++) {
             vec xv = loadu(x + (size_t)i * K + k);

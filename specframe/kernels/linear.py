@@ -6,7 +6,7 @@ runs a few rows nearly as slowly as t separate passes: on the default model, the
 of a pass over 4 tokens cost about 1.7 and over 8 tokens about 2.3 one-token passes
 (docs/benchmarks.md, "Few-row kernels"). The kernel in few_rows.c multiplies up to 4 input rows
 by 4 weight rows at a time, so each weight row is loaded once for all rows, and prefetches the
-weight block two tiles ahead so the loads overlap the arithmetic. It reads the weight where it is
+weight block six tiles ahead into L2 so the loads overlap the arithmetic. It reads the weight where it is
 (PyTorch's (N, K) layout): no second copy.
 
 Without the compiled library (`build.library()` None), passes keep PyTorch's kernels, except
