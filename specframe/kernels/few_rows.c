@@ -251,6 +251,48 @@ static void rope(float *x, const float *cos, const float *sin, int heads, int D)
     }
 }
 
+typedef int ivec __attribute__((vector_size(VL * 4)));
+
+static inline vec splat(float f) { return (vec){0} + f; }
+
+/* e^x in each lane for x <= 0 (softmax weights), within about 2 ulp of expf; 0 below -87.3
+ * and for -inf. Cephes' expf: x = n ln 2 + r, e^r by a degree-7 polynomial, times 2^n. */
+static inline vec exp_nonpositive(vec x) {
+    ivec tiny = x < splat(-87.33654f);
+    x = (vec)(((ivec)x & ~tiny) | ((ivec)splat(-87.33654f) & tiny));
+    vec n = (x * splat(1.44269504f) + splat(12582912.0f)) - splat(12582912.0f); /* round to nearest */
+    vec r = x - n * splat(0.693359375f) + n * splat(2.12194440e-4f);
+    vec p = splat(1.9875691500e-4f);
+    p = p * r + splat(1.3981999507e-3f);
+    p = p * r + splat(8.3334519073e-3f);
+    p = p * r + splat(4.1665795894e-2f);
+    p = p * r + splat(1.6666665459e-1f);
+    p = p * r + splat(5.0000001201e-1f);
+    p = p * (r * r) + r + splat(1.0f);
+    ivec scale = (__builtin_convertvector(n, ivec) + 127) << 23;
+    return (vec)((ivec)(p * (vec)scale) & ~tiny);
+}
+
+/* row[i] = e^(row[i] - top) for i < n; returns their sum (in an order fixed by n alone) */
+static float softmax_weights(float *row, int n, float top) {
+    vec sum = (vec){0};
+    int i = 0;
+    for (; i + VL <= n; i += VL) {
+        vec e = exp_nonpositive(loadu(row + i) - splat(top));
+        __builtin_memcpy(row + i, &e, sizeof e);
+        sum += e;
+    }
+    if (i < n) { /* the tail, padded with -inf (weight 0) */
+        float tail[VL];
+        for (int k = 0; k < VL; k++) tail[k] = i + k < n ? row[i + k] : -INFINITY;
+        vec e = exp_nonpositive(loadu(tail) - splat(top));
+        __builtin_memcpy(tail, &e, sizeof e);
+        for (int k = 0; i + k < n; k++) row[i + k] = tail[k];
+        sum += e;
+    }
+    return hsum(sum);
+}
+
 /* Attention of `heads` query heads (rows of q, D apart) that share one key/value head, for one
  * row: over the keys at positions 0..n_keys-1, or at order[0..n_keys-1] (a token tree's row:
  * the cached positions, its ancestors and itself, in order, as a chain pass over its path sees
@@ -275,10 +317,9 @@ static inline __attribute__((always_inline)) void attend_chunk(
     }
     float inverse[HC];
     for (int h = 0; h < heads; h++) {
-        float *row = scores + (size_t)h * n_keys, top = -INFINITY, total = 0.0f;
+        float *row = scores + (size_t)h * n_keys, top = -INFINITY;
         for (int i = 0; i < n_keys; i++) top = row[i] > top ? row[i] : top;
-        for (int i = 0; i < n_keys; i++) { row[i] = expf(row[i] - top); total += row[i]; }
-        inverse[h] = 1.0f / total;
+        inverse[h] = 1.0f / softmax_weights(row, n_keys, top);
         for (int c = 0; c < DV; c++) acc[h][c] = (vec){0};
     }
     for (int i = 0; i < n_keys; i++) {
@@ -301,16 +342,14 @@ static inline __attribute__((always_inline)) void attend_chunk(
 static void attend_any(const float *q, const float *keys, const float *values, const int *order, int n_keys, int D,
                        int heads, float scale, float *scores, float *out) {
     for (int h = 0; h < heads; h++) {
-        float *row = scores + (size_t)h * n_keys, top = -INFINITY, total = 0.0f;
+        float *row = scores + (size_t)h * n_keys, top = -INFINITY;
         for (int i = 0; i < n_keys; i++) {
             row[i] = dot(q + (size_t)h * D, keys + (size_t)(order ? order[i] : i) * D, D) * scale;
             top = row[i] > top ? row[i] : top;
         }
-        float *o = out + (size_t)h * D;
+        float *o = out + (size_t)h * D, total = softmax_weights(row, n_keys, top);
         for (int d = 0; d < D; d++) o[d] = 0.0f;
         for (int i = 0; i < n_keys; i++) {
-            row[i] = expf(row[i] - top);
-            total += row[i];
             const float *v = values + (size_t)(order ? order[i] : i) * D;
             for (int d = 0; d < D; d++) o[d] += row[i] * v[d];
         }
