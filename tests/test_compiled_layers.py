@@ -194,7 +194,7 @@ def test_other_layers_keep_pytorchs_path(lib, change):
 
 def test_a_wrong_layer_kernel_is_refused(lib, monkeypatch, tmp_path):
     monkeypatch.setattr(build, "_kernel_dir", lambda: tmp_path)
-    broken = build.C_SOURCE.replace("g / (1.0f + expf(-g)) * j->u", "g * j->u")
+    broken = build.C_SOURCE.replace("gv / (splat(1.0f) + exp_lanes((vec){0} - gv)) * loadu(us)", "gv * loadu(us)")
     assert broken != build.C_SOURCE
     wrong = build.load_library(build.build_library(shutil.which("cc") or shutil.which("gcc"), build.CFLAGS, broken))
     assert "from transformers' layers" in layers._layer_check_error(wrong)

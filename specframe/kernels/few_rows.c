@@ -255,11 +255,13 @@ typedef int ivec __attribute__((vector_size(VL * 4)));
 
 static inline vec splat(float f) { return (vec){0} + f; }
 
-/* e^x in each lane for x <= 0 (softmax weights), within about 2 ulp of expf; 0 below -87.3
- * and for -inf. Cephes' expf: x = n ln 2 + r, e^r by a degree-7 polynomial, times 2^n. */
-static inline vec exp_nonpositive(vec x) {
-    ivec tiny = x < splat(-87.33654f);
+/* e^x in each lane, within about 2 ulp of expf; 0 below -87.3 (and for -inf), and x above 88
+ * taken as 88. Lanes are independent. Cephes' expf: x = n ln 2 + r, e^r by a degree-7
+ * polynomial, times 2^n. */
+static inline vec exp_lanes(vec x) {
+    ivec tiny = x < splat(-87.33654f), huge = x > splat(88.0f);
     x = (vec)(((ivec)x & ~tiny) | ((ivec)splat(-87.33654f) & tiny));
+    x = (vec)(((ivec)x & ~huge) | ((ivec)splat(88.0f) & huge));
     vec n = (x * splat(1.44269504f) + splat(12582912.0f)) - splat(12582912.0f); /* round to nearest */
     vec r = x - n * splat(0.693359375f) + n * splat(2.12194440e-4f);
     vec p = splat(1.9875691500e-4f);
@@ -278,14 +280,14 @@ static float softmax_weights(float *row, int n, float top) {
     vec sum = (vec){0};
     int i = 0;
     for (; i + VL <= n; i += VL) {
-        vec e = exp_nonpositive(loadu(row + i) - splat(top));
+        vec e = exp_lanes(loadu(row + i) - splat(top));
         __builtin_memcpy(row + i, &e, sizeof e);
         sum += e;
     }
     if (i < n) { /* the tail, padded with -inf (weight 0) */
         float tail[VL];
         for (int k = 0; k < VL; k++) tail[k] = i + k < n ? row[i + k] : -INFINITY;
-        vec e = exp_nonpositive(loadu(tail) - splat(top));
+        vec e = exp_lanes(loadu(tail) - splat(top));
         __builtin_memcpy(tail, &e, sizeof e);
         for (int k = 0; i + k < n; k++) row[i + k] = tail[k];
         sum += e;
@@ -436,16 +438,24 @@ static void add_columns(layers_job *j, const float *in, const float *w, int K, i
         for (int c = n0; c < n1; c++) j->x[(size_t)t * C + c] = j->x[(size_t)t * C + c] + j->y[(size_t)t * C + c];
 }
 
+/* g[i] = silu(g[i]) * u[i] = g[i] / (1 + e^-g[i]) * u[i], lane by lane (the tail padded) */
+static void silu_times(float *g, const float *u, int n) {
+    for (int i = 0; i < n; i += VL) {
+        float gs[VL], us[VL];
+        int lanes = n - i < VL ? n - i : VL;
+        for (int k = 0; k < VL; k++) { gs[k] = k < lanes ? g[i + k] : 0.0f; us[k] = k < lanes ? u[i + k] : 0.0f; }
+        vec gv = loadu(gs), out = gv / (splat(1.0f) + exp_lanes((vec){0} - gv)) * loadu(us);
+        __builtin_memcpy(gs, &out, sizeof out);
+        for (int k = 0; k < lanes; k++) g[i + k] = gs[k];
+    }
+}
+
 static void gate_up(layers_job *j, const specframe_layer *l, const float *h, int id, int n) {
     int C = j->d->C, I = j->d->I, T = j->T, n0, n1;
     column_share(I, id, n, &n0, &n1);
     linear_columns(h, l->gate, j->g, T, C, I, n0, n1);
     linear_columns(h, l->up, j->u, T, C, I, n0, n1);
-    for (int t = 0; t < T; t++)
-        for (int i = n0; i < n1; i++) {
-            float g = j->g[(size_t)t * I + i];
-            j->g[(size_t)t * I + i] = g / (1.0f + expf(-g)) * j->u[(size_t)t * I + i];
-        }
+    for (int t = 0; t < T; t++) silu_times(j->g + (size_t)t * I + n0, j->u + (size_t)t * I + n0, n1 - n0);
 }
 
 static void layers_task(void *data, int id, int n) {
