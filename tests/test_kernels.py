@@ -209,7 +209,9 @@ def _threads_seen(monkeypatch, tiny_model, settings: int, env: str | None,
     `idle` the idle CPUs each look at the load finds (the last repeated)."""
     from specframe import SpeculativeDecoder
 
-    if env is not None:
+    if env is None:
+        monkeypatch.delenv(kernels.THREADS_ENV, raising=False)  # a bench run in this process sets it
+    else:
         monkeypatch.setenv(kernels.THREADS_ENV, env)
     looks = iter(idle)
     monkeypatch.setattr(threads._LOAD, "idle_cpus", lambda: next(looks, idle[-1]))
