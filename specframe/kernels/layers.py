@@ -29,7 +29,7 @@ import torch
 from . import build
 from .attention import MAX_ROWS
 
-_POINTERS = ("input_norm", "q", "k", "v", "o", "post_norm", "gate", "up", "down", "keys", "values", "capacity")
+_TABLE_COLUMNS = ("input_norm", "q", "k", "v", "o", "post_norm", "gate", "up", "down", "keys", "values", "capacity")
 
 
 class _Dims(ctypes.Structure):
@@ -69,7 +69,7 @@ class CompiledLayers:
         T = hidden.shape[0]
         end = start + T
         prototype = hidden.new_empty(1, self._kv_heads, 0, self._head_dim)
-        table = torch.empty(last - first, len(_POINTERS), dtype=torch.int64)  # the C struct array
+        table = torch.empty(last - first, len(_TABLE_COLUMNS), dtype=torch.int64)  # the C struct array
         rows = []
         for index in range(first, last):
             assert cache.length(index) == start, f"layer {index} caches {cache.length(index)} tokens, not {start}"
@@ -102,7 +102,7 @@ def compiled_layers(model) -> CompiledLayers | None:
 def runs(layers: CompiledLayers | None, hidden: torch.Tensor) -> bool:
     """Whether a pass over `hidden` (T, C) takes the compiled layers: not when a hook was put on
     a decoder layer since (it expects the layer's own forward to run)."""
-    return (layers is not None and hidden.shape[0] <= MAX_ROWS and hidden.dtype == torch.float32
+    return (layers is not None and hidden.shape[0] <= MAX_ROWS and hidden.dtype == torch.float32 and hidden.is_cpu
             and not torch.is_grad_enabled() and not layers.hooked())
 
 
