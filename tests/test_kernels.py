@@ -251,19 +251,27 @@ def test_without_a_reading_of_the_load_a_generation_starts_on_one_thread(monkeyp
     assert inside == {1}
 
 
+def test_niced_work_counts_as_busy(monkeypatch, tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  10 250 20 700 0 0 0 0 0 0\ncpu0 0 0 0 0 0 0 0 0 0 0\n")
+    opened = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: opened(stat if path == "/proc/stat" else path, *a, **k))
+    assert threads._reading()[1:3] == (280, 980)  # busy: user + nice + system (+ interrupts, steal); all
+
+
 @pytest.mark.parametrize("idle, cap, expected", [(0.0, 2, 1), (0.79, 2, 1), (0.85, 2, 1), (1.5, 2, 1), (1.85, 2, 2),
                                                  (7.9, 2, 2), (3.9, 8, 4)])
 def test_threads_follow_the_idle_cpus(idle, cap, expected):
     assert threads.threads_from_load(idle, cap) == expected
 
 
-def test_idle_cpus_leave_out_niced_work_and_this_process(monkeypatch):
+def test_idle_cpus_leave_out_this_process(monkeypatch):
     readings = iter([(0.0, 0, 0, 0), (1.0, 100, 200, 100), (2.0, 300, 400, 200), (20.0, 300, 600, 200)])
     monkeypatch.setattr(threads, "_reading", lambda: next(readings))
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
     load = threads._Load()
     assert load.idle_cpus() is None  # one reading: nothing to compare
-    assert load.idle_cpus() == 2.0  # all the busy time was this process's (niced time is not in "busy")
+    assert load.idle_cpus() == 2.0  # all the busy time was this process's
     assert load.idle_cpus() == 1.0  # another process kept one CPU busy
     assert load.idle_cpus() is None  # too long since the last reading to tell
 
