@@ -74,7 +74,10 @@ def train_and_compare(tiny_llama_dir, tmp_path, capsys, *extra) -> dict:
         assert results["--drafter-opt"]["tokens"] == results["--drafter"]["tokens"], prompt
         accepted += results["--drafter-opt"]["stats"]["accepted"]
     assert accepted > 0, "the trained head never had a draft accepted"
-    return json.loads(head.with_suffix(".json").read_text())
+    assert not (tmp_path / "tiny-head.checkpoint.pt").exists(), "a finished training keeps no checkpoint"
+    metadata = json.loads(head.with_suffix(".json").read_text())
+    assert metadata["timing"]["train_dtype"] in ("fp32", "bf16") and "--train-dtype auto" in metadata["training_command"]
+    return metadata
 
 
 @pytest.fixture

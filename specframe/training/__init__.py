@@ -23,7 +23,9 @@
 
 The defaults fit any Llama-style model: the exit layer is about L/5 of its L layers, the stored
 layers are the exit layer and those of 2, 4, 6, 8, 12 the model has. The target and its data run
-in `--dtype` (auto: bf16 where the CPU or GPU has bf16 units); the head trains in fp32.
+in `--dtype` (auto: fp32); the head keeps fp32 weights and trains its matmuls in `--train-dtype`
+(auto: bf16 where the CPU or GPU has bf16 units). `options` states the whole dtype policy. Training
+writes a checkpoint every `--checkpoint-minutes` and at each evaluation; the same command resumes.
 """
 
 from .command import add_arguments, run

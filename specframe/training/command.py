@@ -10,6 +10,7 @@ import attrs
 
 from ..errors import ConfigError, SpecframeError
 from .options import HEAD_KINDS, LOSSES, EarlyExitOptions
+from .precision import TRAIN_DTYPES
 
 
 # ---- the parser -------------------------------------------------------------------------------
@@ -36,7 +37,7 @@ def add_early_exit_arguments(parser: argparse.ArgumentParser) -> None:
 
     from ..arguments import add_model_arguments  # --model, --device, --dtype as in run, bench and costs
 
-    add_model_arguments(parser)  # --dtype: the target's and the data's; the head always trains in fp32
+    add_model_arguments(parser)  # --dtype: the target's and the data's; the head keeps fp32 weights
     output = parser.add_argument_group("output")
     output.add_argument("--evaluate", default=None, metavar="HEAD",
                         help="train nothing: report HEAD's held-out acceptance and draft-step cost")
@@ -79,6 +80,11 @@ def add_early_exit_arguments(parser: argparse.ArgumentParser) -> None:
     add(train, "--seed", "seed of the head's training")
     add(train, "--eval-points", "held-out evaluations during training")
     add(train, "--threads", "torch threads (0 = torch's default)")
+    add(train, "--train-dtype", "dtype of the head's matmuls while training (bf16: autocast; weights, optimizer "
+                                "and loss stay fp32); auto: bf16 where the CPU has AMX or AVX-512 BF16, or on a "
+                                "bf16 GPU", type=str, choices=TRAIN_DTYPES)
+    add(train, "--checkpoint-minutes", "write a training checkpoint this often (and at each evaluation and on "
+                                       "Ctrl-C) next to --output; the same command resumes from it", type=float)
     eagle = parser.add_argument_group("eagle heads")
     add(eagle, "--ce-weight", "loss = smooth L1 regression of the last-layer feature + this x the --loss term")
     add(eagle, "--feature-noise", "uniform noise U(-a, a) on the input features while training")

@@ -28,8 +28,8 @@ class DistillSet:
 
     hidden: torch.Tensor = field(**_tensor)  # (S, C) as stored (fp16 or bf16)
     tokens: torch.Tensor = field(**_tensor)  # every sequence's tokens; sequence i has sizes[i] + 1
-    top_ids: torch.Tensor = field(**_tensor)  # (S, K) long
-    top_logprobs: torch.Tensor = field(**_tensor)  # (S, K) fp32
+    top_ids: torch.Tensor = field(**_tensor)  # (S, K) as stored (int32)
+    top_logprobs: torch.Tensor = field(**_tensor)  # (S, K) as stored (fp16)
     sizes: torch.Tensor = field(**_tensor)  # (N,) rows per sequence
     answer_from: torch.Tensor = field(**_tensor)  # (N,) first answer row per sequence
     weights: torch.Tensor = field(**_tensor)  # (N,) loss weight per sequence
@@ -40,36 +40,34 @@ class DistillSet:
         object.__setattr__(self, "starts", torch.cumsum(self.sizes, 0) - self.sizes)
 
     @classmethod
-    def from_shards(cls, shards, layer: int, weights=None) -> "DistillSet":
+    def from_shards(cls, shards, layer: int, weights=None, features: bool = True) -> "DistillSet":
         """The layer-`layer` data of shards (paths of shard files, or shard dicts), with a loss
-        weight per shard (default 1)."""
-        from safetensors.torch import load_file
+        weight per shard (default 1), and their last-layer features if stored and `features`.
 
+        Tensors keep their stored dtypes (states bf16 or fp16, ids int32, log-probs fp16; `collate`
+        widens one batch at a time) and are copied once into tensors sized for all shards, so
+        2 M positions take about 5 GB, not twice that while loading.
+        """
         weights = [1.0] * len(shards) if weights is None else list(weights)
-        parts: dict[str, list] = {name: [] for name in ("hidden", "tokens", "top_ids", "top_logprobs", "sizes",
-                                                         "answer_from", "weights")}
-        for shard, weight in zip(shards, weights, strict=True):
-            where = str(shard) if isinstance(shard, (str, Path)) else "a shard"
-            shard = load_file(str(shard)) if isinstance(shard, (str, Path)) else shard
-            key = f"hidden_{layer}"
-            if key not in shard:
-                raise ConfigError(f"{where} has no states for layer {layer}; its layers are "
-                                  f"{sorted(int(k[7:]) for k in shard if k.startswith('hidden_'))}")
-            parts["hidden"].append(shard[key])
-            parts["tokens"].append(shard["tokens"].long())
-            parts["top_ids"].append(shard["top_ids"].long())
-            parts["top_logprobs"].append(shard["top_logprobs"].float())
-            parts["sizes"].append(shard["lengths"].long() - 1)
-            parts["answer_from"].append((shard["prompt_lengths"].long() - 1).clamp(min=0))
-            parts["weights"].append(torch.full((len(shard["lengths"]),), float(weight)))
-            if "final" in shard:
-                parts.setdefault("final", []).append(shard["final"])
-        if not parts["hidden"]:
+        if len(weights) != len(shards):
+            raise ConfigError(f"{len(weights)} shard weights for {len(shards)} shards")
+        sources = [_ShardSource(shard) for shard in shards]
+        if not sources:
             raise ConfigError("no distillation shards to train on")
-        if len(parts.get("final", [])) not in (0, len(parts["hidden"])):
+        for source in sources:
+            source.check_layer(layer)
+        has_final = ["final" in source.keys for source in sources]
+        if any(has_final) and not all(has_final):
             raise ConfigError("some shards store the last-layer feature and some do not; build all of them with "
                               "--store-final (or --head-kind eagle)")
-        return cls(**{name: torch.cat(values) for name, values in parts.items()})
+        columns = {"hidden": f"hidden_{layer}", "tokens": "tokens", "top_ids": "top_ids",
+                   "top_logprobs": "top_logprobs", **({"final": "final"} if all(has_final) and features else {})}
+        data = {name: _concatenated(sources, key) for name, key in columns.items()}
+        lengths = torch.cat([source.get("lengths").long() for source in sources])
+        prompt_lengths = torch.cat([source.get("prompt_lengths").long() for source in sources])
+        per_sequence = torch.cat([torch.full((source.rows("lengths"),), float(weight))
+                                  for source, weight in zip(sources, weights)])
+        return cls(**data, sizes=lengths - 1, answer_from=(prompt_lengths - 1).clamp(min=0), weights=per_sequence)
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -81,7 +79,7 @@ class DistillSet:
     def sequence_tokens(self, index: int) -> torch.Tensor:
         """(sizes[i] + 1,) tokens of sequence i."""
         start = int(self.starts[index]) + index  # each sequence has one more token than rows
-        return self.tokens[start : start + int(self.sizes[index]) + 1]
+        return self.tokens[start : start + int(self.sizes[index]) + 1].long()
 
     def answer_mask(self) -> torch.Tensor:
         """(S,) bool: which rows are answer positions."""
@@ -108,7 +106,8 @@ class DistillSet:
         return batches
 
     def collate(self, indices: list[int], device):
-        """(B, T, C) fp32 states, (B, T, K) teacher ids and log-probs, (B, T) valid and answer masks, weights."""
+        """(B, T, C) fp32 states, (B, T, K) long teacher ids and fp32 log-probs, (B, T) valid and
+        answer masks, weights."""
         T = int(self.sizes[indices].max())
         B, C, K = len(indices), self.hidden.shape[1], self.top_ids.shape[1]
         hidden = torch.zeros(B, T, C)
@@ -119,7 +118,7 @@ class DistillSet:
         weight = torch.zeros(B, T)
         for row, index in enumerate(indices):
             start, size = int(self.starts[index]), int(self.sizes[index])
-            hidden[row, :size] = self.hidden[start : start + size].float()
+            hidden[row, :size] = self.hidden[start : start + size]  # copy_ widens to fp32
             ids[row, :size] = self.top_ids[start : start + size]
             logprobs[row, :size] = self.top_logprobs[start : start + size]
             valid[row, :size] = True
@@ -137,10 +136,50 @@ class DistillSet:
         own = torch.zeros(len(indices), T, self.final.shape[1])
         for row, index in enumerate(indices):
             start, size = int(self.starts[index]), int(self.sizes[index])
-            own[row, :size] = self.final[start : start + size].float()
+            own[row, :size] = self.final[start : start + size]
         return previous_positions(own).to(device), own.to(device)
 
 
 def previous_positions(features: torch.Tensor) -> torch.Tensor:
     """(B, T, C) -> (B, T, C) shifted one position right, zeros at position 0."""
     return torch.cat([torch.zeros_like(features[:, :1]), features[:, :-1]], 1)
+
+
+class _ShardSource:
+    """One shard, a file (read tensor by tensor, shapes from its header) or a dict of tensors."""
+
+    def __init__(self, shard):
+        if isinstance(shard, (str, Path)):
+            from safetensors import safe_open
+
+            self.where, self._file = str(shard), safe_open(str(shard), "pt")
+            self.keys = set(self._file.keys())
+        else:
+            self.where, self._file, self._dict = "a shard", None, shard
+            self.keys = set(shard)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._file.get_tensor(key) if self._file is not None else self._dict[key]
+
+    def rows(self, key: str) -> int:
+        return self._file.get_slice(key).get_shape()[0] if self._file is not None else len(self._dict[key])
+
+    def check_layer(self, layer: int) -> None:
+        if f"hidden_{layer}" not in self.keys:
+            raise ConfigError(f"{self.where} has no states for layer {layer}; its layers are "
+                              f"{sorted(int(k[7:]) for k in self.keys if k.startswith('hidden_'))}")
+
+
+def _concatenated(sources: list[_ShardSource], key: str) -> torch.Tensor:
+    """torch.cat of every source's `key`, copied into one tensor allocated up front."""
+    total = sum(source.rows(key) for source in sources)
+    out, offset = None, 0
+    for source in sources:
+        part = source.get(key)
+        if out is None:
+            out = torch.empty((total, *part.shape[1:]), dtype=part.dtype)
+        elif part.dtype != out.dtype:  # mixed stored dtypes (fp16 and bf16 states): widen to a common one
+            out = out.to(torch.promote_types(out.dtype, part.dtype))
+        out[offset : offset + len(part)] = part
+        offset += len(part)
+    return out

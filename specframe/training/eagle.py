@@ -8,9 +8,10 @@ Loss per batch, after EAGLE (Li et al. 2024) and EAGLE-3's training-time test:
    second draft of a round does, with the same two losses.
 The batch loss is the mean of the two steps.
 
-Evaluation is teacher-forced top-1 agreement on held-out answer positions for the first draft of
-a round (true features: the same figure as an `EarlyExitHead`'s acceptance) and the second
-(features predicted by the head, given a correct first draft).
+Evaluation (`eagle_scorer`, for `evaluation.agreement`) is teacher-forced top-1 agreement on
+held-out answer positions for the first draft of a round (true features: the same figure as an
+`EarlyExitHead`'s acceptance) and the second (features predicted by the head, given a correct
+first draft).
 
 Shapes: B sequences, T positions, C hidden size, R reduced vocabulary, K teacher top-K.
 """
@@ -43,24 +44,18 @@ def eagle_loss(head, hidden, previous, own, ids, logprobs, weights, config, gene
     return total / 2
 
 
-def evaluate_eagle(head, data: DistillSet, vocab_map, device, tokens_per_batch: int = 4096) -> dict:
-    """First- and second-draft top-1 agreement on answers, and first-draft agreement on prompts."""
-    names = ("answer", "prompt", "second_draft")
-    hits, counts = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
-    dtype = head.norm.weight.dtype
-    head.eval()
-    with torch.no_grad():
-        for indices in data.batches(tokens_per_batch):
-            hidden, ids, _, valid, answer, _ = data.collate(indices, device)
-            previous, _ = data.collate_features(indices, device)
-            first, predicted = head(hidden.to(dtype), previous.to(dtype))
-            second, _ = head(hidden.to(dtype), previous_positions(predicted))
-            for name, logits, mask in (("answer", first, answer), ("prompt", first, valid & ~answer),
-                                       ("second_draft", second, answer)):
-                choice = logits.argmax(-1)
-                choice = choice if vocab_map is None else head.vocab_ids.to(device)[choice]
-                hits[name] += int(((choice == ids[..., 0]) & mask).sum())
-                counts[name] += int(mask.sum())
-    head.train()
-    return {f"{name}_acceptance": round(hits[name] / max(1, counts[name]), 4) for name in names} | {
-        "answer_positions": counts["answer"], "prompt_positions": counts["prompt"]}
+def eagle_scorer(head, data: DistillSet):
+    """`evaluation.agreement`'s scorer for an eagle head: the first draft of a round (true
+    features of the previous positions) on answers and prompts, and the second (the head's own
+    predicted features, given a correct first draft) on answers."""
+    from .evaluation import target_ids
+
+    def score(batch):
+        previous, _ = data.collate_features(batch.indices, batch.hidden.device)
+        first, predicted = head(batch.hidden, previous.to(batch.hidden.dtype))
+        second, _ = head(batch.hidden, previous_positions(predicted))
+        first, second = target_ids(head, first.argmax(-1)), target_ids(head, second.argmax(-1))
+        return (("answer", first, batch.answer), ("prompt", first, batch.prompt),
+                ("second_draft", second, batch.answer))
+
+    return score

@@ -4,7 +4,9 @@ The head (decoder layer(s) + norm + the frozen LM head, optionally over a reduce
 reads the layer-N states of whole sequences, teacher-forced, and learns the target's next-token
 distribution: `kl` (KL to the target's top-K distribution), `ce` (cross-entropy to the target's
 argmax) or `kl+ce`. Its trainable weights, the optimizer and the loss are fp32 whatever the
-target's dtype; the frozen LM head is cast once (see `options` for the whole dtype policy).
+target's dtype; its matmuls run in `train_dtype` (`precision`: bf16 autocast where the device has
+bf16 units); the frozen LM head is cast once (see `options` for the whole dtype policy).
+`evaluation` scores held-out data; `checkpoint` lets an interrupted run resume.
 
 Shapes: B sequences, T positions, C hidden size, V vocabulary, R reduced vocabulary, K teacher top-K.
 """
@@ -15,12 +17,17 @@ import json
 import math
 import time
 
+import attrs
 import torch
 from attrs import field, frozen
 from attrs.validators import ge, in_
 
+from .checkpoint import Checkpoints, TrainingProgress, run_identity
 from .dataset import DistillSet
+from .evaluation import evaluate
+from .losses import distill_loss
 from .options import HEAD_KINDS, LOSSES
+from .precision import TRAIN_DTYPES, matmul_precision, resolve_train_dtype
 
 
 @frozen(kw_only=True)
@@ -39,6 +46,7 @@ class HeadTraining:
     head_kind: str = field(default="early_exit", validator=in_(HEAD_KINDS))
     ce_weight: float = 1.0  # eagle: loss = feature regression + ce_weight x the token loss
     feature_noise: float = 0.1  # eagle: uniform noise U(-a, a) on the input features
+    train_dtype: str = field(default="auto", validator=in_(TRAIN_DTYPES))  # the head's matmuls (`precision`)
 
 
 def reduced_vocabulary(sets: list[DistillSet], size: int, always: list[int], vocab_size: int):
@@ -47,7 +55,7 @@ def reduced_vocabulary(sets: list[DistillSet], size: int, always: list[int], voc
         return None
     counts = torch.zeros(vocab_size, dtype=torch.long)
     for data in sets:
-        counts += torch.bincount(data.top_ids[:, 0], minlength=vocab_size)
+        counts += torch.bincount(data.top_ids[:, 0].long(), minlength=vocab_size)
     counts[torch.tensor(always, dtype=torch.long)] = counts.max() + 1
     return torch.sort(torch.topk(counts, size).indices).values
 
@@ -69,137 +77,100 @@ def head_targets(ids, logprobs, vocab_map):
     return mapped.clamp(min=0), torch.where(mapped >= 0, logprobs, torch.full_like(logprobs, float("-inf")))
 
 
-def distill_loss(logits, ids, logprobs, weights, loss: str):
-    """Per-batch loss. logits (B, T, R); ids/logprobs (B, T, K) in head space; weights (B, T).
-
-    kl: cross-entropy of q against the target's top-K distribution renormalised over what the head
-    can express (= KL up to a constant); ce: cross-entropy to the target's argmax (rows whose
-    argmax the head cannot express are skipped).
-    """
-    log_q = torch.log_softmax(logits.float(), -1)  # (B, T, R)
-    picked = log_q.gather(-1, ids)  # (B, T, K)
-    total = logits.new_zeros(())
-    if "kl" in loss:
-        p = torch.softmax(logprobs, -1).nan_to_num(0.0)  # renormalised top-K, rows of -inf -> 0
-        per_row = -(p * picked).sum(-1)
-        has_mass = torch.isfinite(logprobs).any(-1)
-        w = weights * has_mass
-        total = total + (per_row * w).sum() / w.sum().clamp(min=1)
-    if "ce" in loss:
-        expressible = torch.isfinite(logprobs[..., 0])
-        w = weights * expressible
-        total = total + (-(picked[..., 0]) * w).sum() / w.sum().clamp(min=1)
-    return total
-
-
-def evaluate(head, data: DistillSet, vocab_map, device, tokens_per_batch: int = 4096, context_vocab: bool = False) -> dict:
-    """Top-1 agreement of head and target on answer and prompt positions (teacher-forced).
-
-    With a reduced vocabulary and `context_vocab`, the head may also pick any token seen earlier
-    in the sequence, as the early_exit drafter does with `context_vocab=true`. An eagle head is
-    evaluated by `eagle.evaluate_eagle` (first and second draft of a round).
-    """
-    from ..eagle_head import EagleHead
-
-    if isinstance(head, EagleHead):
-        from .eagle import evaluate_eagle
-
-        return evaluate_eagle(head, data, vocab_map, device, tokens_per_batch)
-    names = ("answer", "prompt", "answer_fixed_vocab")
-    hits, counts = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
-    dtype = head.norm.weight.dtype
-    head.eval()
-    with torch.no_grad():
-        for indices in data.batches(tokens_per_batch):
-            hidden, ids, _, valid, answer, _ = data.collate(indices, device)
-            features = head.norm(head.body(hidden.to(dtype)))  # (B, T, C)
-            best, predicted = torch.nn.functional.linear(features, head.lm_weight()).max(-1)  # (B, T)
-            fixed = predicted = predicted if vocab_map is None else head.vocab_ids.to(device)[predicted]
-            if vocab_map is not None and context_vocab:
-                predicted = _with_context_tokens(head, data, indices, features, best, predicted, vocab_map)
-            for name, choice, mask in (("answer", predicted, answer), ("prompt", predicted, valid & ~answer),
-                                       ("answer_fixed_vocab", fixed, answer)):
-                hits[name] += int(((choice == ids[..., 0]) & mask).sum())
-                counts[name] += int(mask.sum())
-    head.train()
-    return {f"{name}_acceptance": round(hits[name] / max(1, counts[name]), 4) for name in names} | {
-        "answer_positions": counts["answer"], "prompt_positions": counts["prompt"]}
-
-
-def _with_context_tokens(head, data, indices, features, best, predicted, vocab_map):
-    """Where a token seen earlier in the sequence (outside the reduced vocabulary) scores higher, pick it."""
-    weight = head.frozen_lm_weight()
-    predicted = predicted.clone()
-    for row, index in enumerate(indices):
-        tokens = data.sequence_tokens(index).to(features.device)  # (n + 1,)
-        rows = tokens.numel() - 1
-        outside = vocab_map[tokens[:rows]] < 0
-        if not outside.any():
-            continue
-        extra, first = [], []
-        for position in torch.nonzero(outside).flatten().tolist():
-            token = int(tokens[position])
-            if token not in extra:
-                extra.append(token)
-                first.append(position)
-        logits = features[row, :rows] @ weight[torch.tensor(extra, device=weight.device)].T  # (rows, E)
-        seen = torch.arange(rows, device=logits.device)[:, None] >= torch.tensor(first, device=logits.device)[None]
-        value, choice = logits.masked_fill(~seen, float("-inf")).max(-1)
-        better = value > best[row, :rows]
-        predicted[row, :rows] = torch.where(better, torch.tensor(extra, device=logits.device)[choice], predicted[row, :rows])
-    return predicted
-
-
 def train_head(model, train: DistillSet, heldout: DistillSet | None, config: HeadTraining, vocab_ids,
-               log=lambda message: None) -> tuple:
-    """Train an EarlyExitHead on `train`; returns (head, curve of held-out evaluations, vocab map)."""
+               log=lambda message: None, checkpoints: Checkpoints | None = None) -> tuple:
+    """Train a head of `config.head_kind` on `train`; returns (head, curve of held-out evaluations, vocab map).
+
+    With `checkpoints`, a run interrupted after a checkpoint resumes from it (`checkpoint`).
+    """
     from tqdm import tqdm
 
     from ..heads import head_class
 
     device = next(model.parameters()).device
     torch.manual_seed(config.seed)
-    kind = head_class(config.head_kind, "(training)")
-    head = kind(model, config.layer, config.head_layers, vocab_ids).to(device).float().train()
+    head = head_class(config.head_kind, "(training)")(model, config.layer, config.head_layers, vocab_ids)
+    head = head.to(device).float().train()
     vocab_map = head_vocab_map(head, device)
-    parameters = [p for p in head.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.98))
     generator = torch.Generator().manual_seed(config.seed)
     plan = [b for _ in range(config.epochs) for b in train.batches(config.tokens_per_batch, generator)]
     total = max(1, len(plan))
+    parameters, optimizer, schedule = _optimisation(head, config, total)
+    identity = run_identity(config, train, vocab_ids)
+    progress = (checkpoints and checkpoints.resume(identity, head, optimizer, schedule, generator)) or TrainingProgress()
+    if progress.step:
+        log(f"resumed from {checkpoints.path} at step {progress.step} of {total}")
+    precision = resolve_train_dtype(config.train_dtype, device)
+    eval_points = {int(total * f) for f in _eval_fractions(config.eval_points)}
+    started, seen_before = time.perf_counter(), progress.seen
+    bar = tqdm(total=total, initial=progress.step, desc=f"train {config.head_kind} N={config.layer} {config.loss} "
+               f"{precision}", unit="step", dynamic_ncols=True)
+    try:
+        for indices in plan[progress.step:]:
+            loss, positions = batch_loss(head, train, indices, config, vocab_map, generator, precision)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            schedule.step()
+            progress.advance(loss.item(), positions)
+            rate = (progress.seen - seen_before) / (time.perf_counter() - started)
+            bar.set_postfix(loss=f"{progress.smoothed:.3f}", tok_per_s=f"{rate:.0f}")
+            bar.update(1)
+            evaluated = heldout is not None and progress.step in eval_points
+            if evaluated:
+                progress.curve.append(_evaluation_point(head, heldout, vocab_map, progress, started))
+                log(f"eval {json.dumps(progress.curve[-1])}")
+            if checkpoints and progress.step < total and (evaluated or checkpoints.due()):
+                _save(checkpoints, identity, progress, started, head, optimizer, schedule, generator)
+    except KeyboardInterrupt:
+        if checkpoints and progress.step:
+            _save(checkpoints, identity, progress, started, head, optimizer, schedule, generator)
+            log(f"interrupted: saved a checkpoint at step {progress.step} of {total} in {checkpoints.path}; "
+                "the same command resumes from it")
+        raise
+    bar.close()
+    return head.eval(), progress.curve, vocab_map
+
+
+def _optimisation(head, config: HeadTraining, total: int) -> tuple:
+    """(trainable parameters, AdamW, its schedule: linear warm-up, then cosine decay over `total` steps)."""
+    parameters = [p for p in head.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.98))
     warmup = min(100, total // 10 + 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
-    curve, started, seen, smoothed = [], time.perf_counter(), 0, None
-    eval_points = {int(total * f) for f in _eval_fractions(config.eval_points)}
-    bar = tqdm(plan, desc=f"train {config.head_kind} N={config.layer} {config.loss}", unit="step", dynamic_ncols=True)
-    for step, indices in enumerate(bar, 1):
-        hidden, ids, logprobs, valid, answer, weights = train.collate(indices, device)
-        ids, logprobs = head_targets(ids, logprobs, vocab_map)
-        weights = weights * torch.where(answer, 1.0, config.prompt_weight)
+    return parameters, optimizer, schedule
+
+
+def _evaluation_point(head, heldout: DistillSet, vocab_map, progress: TrainingProgress, started: float) -> dict:
+    minutes = progress.minutes + (time.perf_counter() - started) / 60
+    return {"step": progress.step, "tokens_seen": progress.seen, "minutes": round(minutes, 2),
+            "loss": round(progress.smoothed, 4), **evaluate(head, heldout, vocab_map, head.norm.weight.device)}
+
+
+def batch_loss(head, data: DistillSet, indices: list[int], config: HeadTraining, vocab_map, generator,
+               precision: str) -> tuple[torch.Tensor, int]:
+    """(the loss of one batch of sequences, its number of positions); the head's matmuls in `precision`."""
+    device = head.norm.weight.device
+    hidden, ids, logprobs, valid, answer, weights = data.collate(indices, device)
+    ids, logprobs = head_targets(ids, logprobs, vocab_map)
+    weights = weights * torch.where(answer, 1.0, config.prompt_weight)
+    with matmul_precision(precision, device):
         if config.head_kind == "eagle":
             from .eagle import eagle_loss
 
-            previous, own = train.collate_features(indices, device)
+            previous, own = data.collate_features(indices, device)
             loss = eagle_loss(head, hidden, previous, own, ids, logprobs, weights, config, generator)
         else:
             loss = distill_loss(head(hidden), ids, logprobs, weights, config.loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
-        seen += int(valid.sum())
-        value = loss.item()
-        smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
-        bar.set_postfix(loss=f"{smoothed:.3f}", tok_per_s=f"{seen / (time.perf_counter() - started):.0f}")
-        if heldout is not None and step in eval_points:
-            point = {"step": step, "tokens_seen": seen, "minutes": round((time.perf_counter() - started) / 60, 2),
-                     "loss": round(smoothed, 4), **evaluate(head, heldout, vocab_map, device)}
-            curve.append(point)
-            log(f"eval {json.dumps(point)}")
-    bar.close()
-    return head.eval(), curve, vocab_map
+    return loss, int(valid.sum())
+
+
+def _save(checkpoints, identity, progress, started, head, optimizer, schedule, generator) -> None:
+    """A checkpoint whose progress counts this process's training minutes too."""
+    minutes = progress.minutes + (time.perf_counter() - started) / 60
+    checkpoints.save(identity, attrs.evolve(progress, minutes=minutes), head, optimizer, schedule, generator)
 
 
 def _eval_fractions(points: int) -> list[float]:

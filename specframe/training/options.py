@@ -2,11 +2,17 @@
 from the model: the exit layer, the stored layers and the dtype.
 
 Dtype policy (one place says where each tensor lives):
-- the target, and so the distillation data it produces, run in the fast dtype `--dtype` picks
-  (`auto`: bf16 on a GPU or a CPU with bf16 units, else fp32);
+- the target, and so the distillation data it produces, run in `--dtype` (`auto`: fp32, as for
+  generation, `specframe.models.resolve_dtype`; pass `--dtype bf16` for data about twice as
+  fast on a CPU or GPU with bf16 units);
 - shards store layer states in the dtype they were computed in (fp32 narrowed to fp16, as the
-  cached data of the shipped head) and teacher log-probabilities in fp16;
-- the head's trainable weights, its optimizer state and its loss run in fp32;
+  cached data of the shipped head), teacher ids as int32 and log-probabilities as fp16; a
+  `DistillSet` keeps them so in memory and widens one batch at a time (states to fp32);
+- the head's trainable weights, their gradients, the optimizer state, the norms and the loss
+  are fp32;
+- its matmuls and attention run in `--train-dtype` (`training.precision`; `auto`: bf16
+  autocast where the device has bf16 units, AMX or AVX-512 BF16 on a CPU, else fp32);
+- held-out evaluation runs the fp32 head without autocast, whatever `--train-dtype`;
 - the frozen LM head is cast once to the head's dtype (`EarlyExitHead.lm_weight`);
 - the saved head is fp16, loaded for drafting in the target's dtype.
 """
@@ -20,6 +26,7 @@ from attrs import field, frozen
 from attrs.validators import ge, in_
 
 from ..errors import ConfigError
+from .precision import TRAIN_DTYPES
 
 DEFAULT_EXTRA_LAYERS = (2, 4, 6, 8, 12)  # also stored where the model has them, so other N need no new data
 LOSSES = ("kl", "ce", "kl+ce")
@@ -71,6 +78,8 @@ class EarlyExitOptions:
     ce_weight: float = 1.0  # loss = smooth L1 feature regression + ce_weight x the --loss term
     feature_noise: float = 0.1  # uniform noise U(-a, a) on the input features while training
     threads: int = field(default=0, validator=_non_negative)  # 0 = torch's default
+    train_dtype: str = field(default="auto", validator=in_(TRAIN_DTYPES))  # the head's matmuls while training
+    checkpoint_minutes: float = field(default=10.0, validator=ge(0))  # training checkpoints; 0: at evaluations only
 
     def for_model(self, num_layers: int, dtype_name: str) -> "EarlyExitOptions":
         """These options with the exit layer, stored layers and dtype filled in for an L-layer model."""

@@ -11,6 +11,7 @@ import attrs
 
 from ..errors import ConfigError
 from .command import canonical_command
+from .checkpoint import Checkpoints
 from .head import HeadTraining
 from .options import EarlyExitOptions
 from .shards import ShardSettings, data_dir
@@ -72,7 +73,8 @@ def head_training(options: EarlyExitOptions) -> HeadTraining:
     return HeadTraining(layer=options.layer, head_layers=options.head_layers, loss=options.loss, epochs=options.epochs,
                         lr=options.lr, tokens_per_batch=options.tokens_per_batch, prompt_weight=options.prompt_weight,
                         seed=options.seed, eval_points=options.eval_points, head_kind=options.head_kind,
-                        ce_weight=options.ce_weight, feature_noise=options.feature_noise)
+                        ce_weight=options.ce_weight, feature_noise=options.feature_noise,
+                        train_dtype=options.train_dtype)
 
 
 def train_early_exit(options: EarlyExitOptions) -> int:
@@ -82,6 +84,7 @@ def train_early_exit(options: EarlyExitOptions) -> int:
     from ..models import cache_dir
     from .dataset import DistillSet
     from .head import evaluate, measure_draft_cost, reduced_vocabulary, train_head
+    from .precision import resolve_train_dtype
     from .shards import eos_ids_of
 
     model, tokenizer = load_target(options)
@@ -95,24 +98,29 @@ def train_early_exit(options: EarlyExitOptions) -> int:
         log(f"distillation data ready in {data_seconds / 60:.1f} min")
         return 0
     recorded = built["recorded"][0] if options.recorded_answers else []
+    eagle = options.head_kind == "eagle"  # only an eagle head reads the last-layer features
     train = DistillSet.from_shards(built["train"][0] + recorded, options.layer,
-                                   [1.0] * len(built["train"][0]) + [options.recorded_weight] * len(recorded))
-    heldout = DistillSet.from_shards(built["heldout"][0], options.layer)
+                                   [1.0] * len(built["train"][0]) + [options.recorded_weight] * len(recorded), eagle)
+    heldout = DistillSet.from_shards(built["heldout"][0], options.layer, features=eagle)
     log(f"training data: {len(train)} sequences, {train.answer_positions} answer + "
         f"{train.hidden.shape[0] - train.answer_positions} prompt positions; held out: {len(heldout)} sequences")
     vocab_ids = reduced_vocabulary([train], options.reduced_vocab,
                                    eos_ids_of(model, tokenizer) + list(tokenizer.all_special_ids),
                                    model.get_output_embeddings().weight.shape[0])
+    output = Path(options.output) if options.output else cache_dir() / "heads" / f"head-N{options.layer}.safetensors"
+    checkpoints = Checkpoints(output.with_name(output.stem + ".checkpoint.pt"), options.checkpoint_minutes)
     train_started = time.perf_counter()
-    head, curve, vocab_map = train_head(model, train, heldout, head_training(options), vocab_ids, log)
+    config = head_training(options)
+    head, curve, vocab_map = train_head(model, train, heldout, config, vocab_ids, log, checkpoints)
     timing = {"data_minutes": round(data_seconds / 60, 2), "train_minutes": round((time.perf_counter() - train_started) / 60, 2),
-              "device": str(device), "dtype": options.dtype, "torch_threads": torch.get_num_threads()}
+              "device": str(device), "dtype": options.dtype, "torch_threads": torch.get_num_threads(),
+              "train_dtype": resolve_train_dtype(config.train_dtype, device)}
     final = curve[-1] if curve else evaluate(head, heldout, vocab_map, device)
     cost = measure_draft_cost(model, head.drafting_copy(model), repeats=20) if device.type == "cpu" else None
     metadata = head_metadata(options, built["train"][1], train, heldout, _coverage(heldout, vocab_ids), curve, final)
     metadata.update(draft_cost=cost, timing=timing)
-    output = Path(options.output) if options.output else cache_dir() / "heads" / f"head-N{options.layer}.safetensors"
     path = head.save_pretrained(output, **metadata)
+    checkpoints.remove()
     path.with_suffix(".json").write_text(json.dumps(metadata | {"exit_layer": options.layer}, indent=1) + "\n")
     if cost:
         log(f"draft step {cost['draft_step_ms']} ms = {cost['draft_step_over_forward']} of a one-token forward "
@@ -173,5 +181,5 @@ def _coverage(heldout, vocab_ids) -> float | None:
 
     if vocab_ids is None:
         return None
-    labels = heldout.top_ids[heldout.answer_mask(), 0]
+    labels = heldout.top_ids[heldout.answer_mask(), 0].long()
     return round(float(torch.isin(labels, vocab_ids).float().mean()), 4)

@@ -37,14 +37,14 @@ def build_distill_data(model_dir, prompts: list, settings: ShardSettings, direct
 
     from ..models import load_model
 
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "settings.json").write_text(json.dumps(settings.cache_key(), indent=1))
     num_batches = min(num_batches, math.ceil(len(prompts) / settings.batch_size))
     paths = [directory / f"shard_{index:05d}.safetensors" for index in range(num_batches)]
     todo = [i for i, path in enumerate(paths) if not path.exists()]
-    if not todo:
+    if not todo:  # read-only: a data job may be extending the same directory meanwhile
         log(f"{label} data: all {num_batches} shards are cached in {directory}")
         return paths
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "settings.json").write_text(json.dumps(settings.cache_key(), indent=1))
     _, tokenizer = load_model(model_dir, device="cpu", dtype="fp32")
     encoded: dict[int, object] = {}
 
