@@ -258,8 +258,8 @@ def _check_resume(out: Path, config: dict) -> None:
 def _set_threads(threads: int | None) -> int:
     """Set torch's CPU threads when asked; return the number in use (recorded in run.json).
 
-    specframe's methods then generate with the same number as HF `generate` (its own default is
-    one thread while generating, specframe.kernels.generation_threads), so the comparison is fair.
+    specframe's methods then generate with the same number as HF `generate` (its own default
+    follows the load while generating, specframe.kernels.threads), so the comparison is fair.
     """
     import os
 

@@ -129,7 +129,7 @@ class SpeculativeDecoder:
         sampler = Sampler(config, device=self.target.device)
         eos = eos_token_ids(self.tokenizer, self.target.model)
         steps = generate_tokens(self.parts, ids, sampler, max_new_tokens, eos, self.on_error, recorder)
-        return (yield from generation_threads(steps, self.target.device))  # 1 CPU thread: docs/benchmarks.md
+        return (yield from generation_threads(steps, self.target.device))  # threads from the load: docs/benchmarks.md
 
     def stream(self, prompt, **kwargs) -> Iterator[str]:
         """Yield text as it is committed. After the loop, `self.last_result` holds the result,

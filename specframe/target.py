@@ -23,6 +23,7 @@ from attrs import field, frozen
 from .checks import is_int
 from .errors import PluginContractError, SpecframeError
 from .kernels import TREE_MASK_FLAG, FewRowKernels
+from .kernels.layers import compiled_layers, runs
 from .trees import tree_attention_mask, tree_positions
 
 _LAYERED_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
@@ -63,6 +64,13 @@ class KVCache:
 
     def length(self, layer_idx: int) -> int:
         return self.lengths.get(layer_idx, 0)
+
+    def make_room(self, layer_idx: int, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's whole (1, H, capacity, D) key and value buffers, grown to hold `end` tokens;
+        `like` (1, H, 0, D) gives the shape and dtype of a first buffer. For writers that fill
+        the buffers in place (the compiled layers) and then set `lengths`."""
+        self._reserve(layer_idx, like, like, end)
+        return self.keys[layer_idx], self.values[layer_idx]
 
     def keep(self, start: int, rows: torch.Tensor, layers: range) -> None:
         """Move the entries at positions `rows` (n,) to start.. and forget the rest after them."""
@@ -154,6 +162,7 @@ class TargetModel:
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.split_layer: int | None = None  # layers [0, split) are "lower", shared with a drafter
         self.kernels = FewRowKernels(model)  # passes over 1-16 tokens read each weight once
+        self.compiled = compiled_layers(model) if self.layered else None  # Llama layers in one C call
         self.reset()
 
     # ---- state -------------------------------------------------------------------------------
@@ -328,8 +337,7 @@ class TargetModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head on (T, C) hidden states of the last layer -> (T, V)."""
-        with self.kernels:
-            return self.model.lm_head(self.final_norm(hidden))
+        return self.kernels.forward(self.model.lm_head, self.final_norm(hidden))
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.model.norm(hidden)
@@ -351,6 +359,8 @@ class TargetModel:
         position_ids = torch.arange(start, start + T, device=self.device)[None] if positions is None else positions
         x = hidden[None]  # (1, T, C)
         rope = inner.rotary_emb(x, position_ids=position_ids)
+        if runs(self.compiled, hidden):
+            return self.compiled.run(hidden, first, last, start, self.cache if cache is None else cache, rope, mask)
         tree = {} if mask is None else {TREE_MASK_FLAG: True}  # the few-row attention must read this mask
         mask = causal_mask(T, start, self.device) if mask is None else mask
         with self.kernels:

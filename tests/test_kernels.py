@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from specframe import kernels
+from specframe.kernels import attention, build, linear, threads
 from specframe.kernels import FewRowKernels, KernelCheckError, build_library, few_rows_linear, load_library
 from specframe.target import TargetModel
 
@@ -32,7 +33,7 @@ def kernel():
 
 @pytest.fixture
 def no_kernel(monkeypatch):
-    monkeypatch.setattr(kernels, "library", lambda: None)
+    monkeypatch.setattr(build, "library", lambda: None)
 
 
 @pytest.mark.parametrize("rows", range(1, 17))
@@ -53,14 +54,14 @@ def test_each_row_is_bitwise_the_one_row_product(kernel):
 
 
 def test_a_wrong_kernel_is_refused(kernel, monkeypatch, tmp_path):
-    monkeypatch.setattr(kernels, "_kernel_dir", lambda: tmp_path)
+    monkeypatch.setattr(build, "_kernel_dir", lambda: tmp_path)
     broken = kernels.C_SOURCE.replace("for (int kk = k; kk < K; kk++) s +=", "for (int kk = k; kk < K; kk++) s -=")
     with pytest.raises(KernelCheckError, match="wrongly"):
         load_library(build_library(shutil.which("cc") or shutil.which("gcc"), kernels.CFLAGS, broken))
 
 
 def test_a_failing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
-    monkeypatch.setattr(kernels, "_kernel_dir", lambda: tmp_path)
+    monkeypatch.setattr(build, "_kernel_dir", lambda: tmp_path)
     monkeypatch.setenv("CC", "false")
     kernels.library.cache_clear()
     try:
@@ -93,8 +94,10 @@ def test_target_logits_match_pytorch_for_1_to_16_new_tokens(kernel, t):
 
 def test_a_pass_routes_every_linear_through_the_kernel(kernel, tiny_model, monkeypatch):
     calls = []
-    monkeypatch.setattr(kernels, "few_rows_linear", lambda *args: calls.append(args[1].shape) or F.linear(*args))
-    TargetModel(tiny_model).forward(torch.tensor([3, 4, 5]))
+    monkeypatch.setattr(linear, "few_rows_linear", lambda *args: calls.append(args[1].shape) or F.linear(*args))
+    target = TargetModel(tiny_model)
+    target.compiled = None  # the PyTorch path of the layers, as for a model the compiled layers do not cover
+    target.forward(torch.tensor([3, 4, 5]))
     layers = tiny_model.config.num_hidden_layers
     assert len(calls) == 7 * layers + 1  # q, k, v, o, gate, up, down per layer, and the LM head
 
@@ -186,24 +189,33 @@ def test_a_verification_pass_gives_bitwise_the_logits_of_one_token_passes(kernel
 
 def test_a_pass_runs_the_few_row_attention(tiny_model, monkeypatch):
     calls = []
-    original = kernels.few_row_attention
-    monkeypatch.setattr(kernels, "few_row_attention", lambda *a, **k: calls.append(a[1].shape[2]) or original(*a, **k))
+    original = attention.few_row_attention
+    monkeypatch.setattr(attention, "few_row_attention",
+                        lambda *a, **k: calls.append(a[1].shape[2]) or original(*a, **k))
     from transformers import AttentionInterface
 
-    AttentionInterface.register(kernels.ATTENTION, kernels.few_row_attention)
+    target = TargetModel(tiny_model)  # registers the (patched) few-row attention
+    target.compiled = None
     try:
-        TargetModel(tiny_model).forward(torch.tensor([3, 4, 5]))
+        target.forward(torch.tensor([3, 4, 5]))
     finally:
         AttentionInterface.register(kernels.ATTENTION, original)
     assert calls == [3] * tiny_model.config.num_hidden_layers
 
 
-def _threads_seen(monkeypatch, tiny_model, settings: int, env: str | None) -> tuple[set[int], list[int]]:
-    """Threads torch had in each target pass, and in the caller between tokens and after."""
+def _threads_seen(monkeypatch, tiny_model, settings: int, env: str | None,
+                  idle: tuple[float, ...] = (1.0,)) -> tuple[set[int], list[int]]:
+    """Threads torch had in each target pass, and in the caller between tokens and after, with
+    `idle` the idle CPUs each look at the load finds (the last repeated)."""
     from specframe import SpeculativeDecoder
 
-    if env is not None:
+    if env is None:
+        monkeypatch.delenv(kernels.THREADS_ENV, raising=False)  # a bench run in this process sets it
+    else:
         monkeypatch.setenv(kernels.THREADS_ENV, env)
+    looks = iter(idle)
+    monkeypatch.setattr(threads._LOAD, "idle_cpus", lambda: next(looks, idle[-1]))
+    monkeypatch.setattr(threads, "RECHECK_SECONDS", 0.0)  # look at every step
     inside, outside = set(), []
     forward = TargetModel.forward
     monkeypatch.setattr(TargetModel, "forward", lambda self, *a, **k: inside.add(torch.get_num_threads())
@@ -220,11 +232,48 @@ def _threads_seen(monkeypatch, tiny_model, settings: int, env: str | None) -> tu
     return inside, outside
 
 
-@pytest.mark.parametrize("env, expected", [(None, {1}), ("2", {2}), ("torch", {3})])
-def test_generation_runs_at_the_chosen_threads_and_gives_the_caller_its_own(monkeypatch, tiny_model, env, expected):
-    inside, outside = _threads_seen(monkeypatch, tiny_model, 3, env)
+@pytest.mark.parametrize("env, idle, expected", [(None, (0.5,), {1}), ("auto", (2.0,), {2}), (None, (9.0,), {3}),
+                                                 ("2", (0.0,), {2}), ("torch", (0.0,), {3})])
+def test_generation_runs_at_the_chosen_threads_and_gives_the_caller_its_own(monkeypatch, tiny_model, env, idle,
+                                                                           expected):
+    inside, outside = _threads_seen(monkeypatch, tiny_model, 3, env, idle)
     assert inside == expected
     assert set(outside) == {3}
+
+
+def test_a_generation_follows_the_load_as_it_goes(monkeypatch, tiny_model):
+    inside, _ = _threads_seen(monkeypatch, tiny_model, 2, None, (2.0, 2.0, 0.6))
+    assert inside == {2, 1}
+
+
+def test_without_a_reading_of_the_load_a_generation_starts_on_one_thread(monkeypatch, tiny_model):
+    inside, _ = _threads_seen(monkeypatch, tiny_model, 2, None, (None,))
+    assert inside == {1}
+
+
+def test_niced_work_counts_as_busy(monkeypatch, tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  10 250 20 700 0 0 0 0 0 0\ncpu0 0 0 0 0 0 0 0 0 0 0\n")
+    opened = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: opened(stat if path == "/proc/stat" else path, *a, **k))
+    assert threads._reading()[1:3] == (280, 980)  # busy: user + nice + system (+ interrupts, steal); all
+
+
+@pytest.mark.parametrize("idle, cap, expected", [(0.0, 2, 1), (0.79, 2, 1), (0.85, 2, 1), (1.5, 2, 1), (1.85, 2, 2),
+                                                 (7.9, 2, 2), (3.9, 8, 4)])
+def test_threads_follow_the_idle_cpus(idle, cap, expected):
+    assert threads.threads_from_load(idle, cap) == expected
+
+
+def test_idle_cpus_leave_out_this_process(monkeypatch):
+    readings = iter([(0.0, 0, 0, 0), (1.0, 100, 200, 100), (2.0, 300, 400, 200), (20.0, 300, 600, 200)])
+    monkeypatch.setattr(threads, "_reading", lambda: next(readings))
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    load = threads._Load()
+    assert load.idle_cpus() is None  # one reading: nothing to compare
+    assert load.idle_cpus() == 2.0  # all the busy time was this process's
+    assert load.idle_cpus() == 1.0  # another process kept one CPU busy
+    assert load.idle_cpus() is None  # too long since the last reading to tell
 
 
 def test_a_bad_thread_setting_is_a_config_error(monkeypatch, tiny_model):
@@ -234,16 +283,19 @@ def test_a_bad_thread_setting_is_a_config_error(monkeypatch, tiny_model):
         _threads_seen(monkeypatch, tiny_model, 1, "many")
 
 
-def test_more_than_one_thread_keeps_pytorch_kernels(kernel, tiny_model, monkeypatch):
-    calls = []
-    monkeypatch.setattr(kernels, "few_rows_linear", lambda *args: calls.append(1) or F.linear(*args))
+@pytest.mark.parametrize("threads", [2, 3])
+def test_the_kernel_on_more_threads_gives_bitwise_the_one_thread_product(kernel, threads):
+    generator = torch.Generator().manual_seed(threads)
+    x, w = torch.randn(7, 96, generator=generator), torch.randn(130, 96, generator=generator)  # a tail in N
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
     try:
-        TargetModel(tiny_model).forward(torch.tensor([3, 4, 5]))
+        torch.set_num_threads(threads)
+        many = few_rows_linear(x, w)
+        torch.set_num_threads(1)
+        one = few_rows_linear(x, w)
     finally:
         torch.set_num_threads(before)
-    assert calls == []
+    assert torch.equal(many, one)
 
 
 def test_few_row_attention_leaves_a_sliding_window_to_transformers(tiny_model):

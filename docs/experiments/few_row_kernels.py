@@ -5,7 +5,10 @@
                   packed copy (what specframe did before, and its fallback without a C compiler);
   - kernel_hf_attention: specframe.kernels' compiled few-row kernel for every linear, with
                   transformers' SDPA attention;
-  - kernel:       the kernel and specframe.kernels.few_row_attention (the default).
+  - kernel:       the kernel and specframe.kernels.few_row_attention (the path of models the
+                  compiled layers do not cover);
+  - compiled_layers: whole decoder layers in one C call per pass (specframe.kernels.layers; the
+                  default for Llama models), and the kernel for the LM head.
 
 Each pass is timed with the thread's CPU time (time.thread_time), not the wall clock, so a
 busy machine that deschedules this process inflates the figures less; they still share caches
@@ -25,6 +28,7 @@ import time
 import torch
 
 from specframe import kernels
+from specframe.kernels import build
 from specframe.models import load_model
 from specframe.target import TargetModel
 
@@ -33,18 +37,20 @@ CONTEXT = 300
 
 
 def variants(model) -> dict:
-    """name -> (FewRowKernels routes, attention config or None), built once so rounds only switch."""
-    library = kernels.library
-    kernels.library = lambda: None
+    """name -> (FewRowKernels routes, attention config or None, compiled layers or None), built
+    once so rounds only switch."""
+    library = build.library
+    build.library = lambda: None
     try:
         fallback = kernels.FewRowKernels(model)
     finally:
-        kernels.library = library
-    chosen = {"pytorch": ([], None), "onednn_head": (fallback._routes, None)}
+        build.library = library
+    chosen = {"pytorch": ([], None, None), "onednn_head": (fallback._routes, None, None)}
     if library() is not None:
         default = kernels.FewRowKernels(model)
-        chosen["kernel_hf_attention"] = (default._routes, None)
-        chosen["kernel"] = (default._routes, default._config)
+        chosen["kernel_hf_attention"] = (default._routes, None, None)
+        chosen["kernel"] = (default._routes, default._config, None)
+        chosen["compiled_layers"] = (default._routes, default._config, kernels.compiled_layers(model))
     return chosen
 
 
@@ -66,7 +72,7 @@ def main() -> None:
     for r in range(args.rounds):
         for t in SIZES:
             for name in names[r % len(names):] + names[:r % len(names)]:  # each variant leads in turn
-                target.kernels._routes, target.kernels._config = routes[name]
+                target.kernels._routes, target.kernels._config, target.compiled = routes[name]
                 started = time.thread_time()
                 out = target.forward(ids[CONTEXT:CONTEXT + t])
                 times[name][t].append(time.thread_time() - started)

@@ -1,0 +1,518 @@
+/* specframe's few-row kernels for CPU fp32: passes over 1-16 tokens (rows).
+ *
+ * specframe_few_rows_linear: y[T, N] = x[T, K] @ w[N, K]^T, reading each weight row once for all rows.
+ * specframe_layers: whole Llama decoder layers (RMSNorm, q/k/v, RoPE, KV-cache write, attention,
+ *   o-proj, residual, RMSNorm, gate/up, SiLU, down, residual) in one call per run of layers.
+ *
+ * Every output element is computed by the same code in the same order of sums whatever the
+ * number of rows (and of threads), so row i of a pass over T rows is bitwise the row a one-token
+ * pass gives. Built by specframe/kernels/build.py with -O3 -march=native.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#define VL 16
+#define TB 4
+#else
+#define VL 8
+#define TB 2
+#endif
+#define NB 4
+#define PF 6 /* prefetch the weight block this many tiles ahead, into L2 (docs/benchmarks.md) */
+typedef float vec __attribute__((vector_size(VL * 4)));
+typedef float half __attribute__((vector_size(VL * 2)));
+
+static inline vec loadu(const float *p) { vec v; __builtin_memcpy(&v, p, sizeof v); return v; }
+
+static inline float hsum(vec v) { /* a tree of adds, not a chain of VL dependent ones */
+    half lo, hi; __builtin_memcpy(&lo, &v, sizeof lo); __builtin_memcpy(&hi, (char *)&v + sizeof lo, sizeof hi);
+    half s = lo + hi;
+    float r[VL / 2]; __builtin_memcpy(r, &s, sizeof r);
+    for (int width = VL / 4; width > 0; width /= 2)
+        for (int i = 0; i < width; i++) r[i] += r[i + width];
+    return r[0];
+}
+
+/* ---- linear ------------------------------------------------------------------------------ */
+
+/* tb (<= TB) input rows against NB weight rows; TB and VL follow the registers of the target ISA. */
+static inline __attribute__((always_inline)) void tile(const float *x, const float *w, float *y,
+                                                         const int tb, int K, int N, const float *pf) {
+    vec acc[TB][NB];
+    for (int i = 0; i < tb; i++) for (int j = 0; j < NB; j++) acc[i][j] = (vec){0};
+    int k = 0;
+    for (; k + VL <= K; k += VL) {
+        if (pf) for (int line = 0; line < NB * VL; line += 16) __builtin_prefetch(pf + NB * (size_t)k + line, 0, 2);
+        vec w0 = loadu(w + k), w1 = loadu(w + K + k), w2 = loadu(w + 2 * (size_t)K + k), w3 = loadu(w + 3 * (size_t)K + k);
+        for (int i = 0; i < tb; i++) {
+            vec xv = loadu(x + (size_t)i * K + k);
+            acc[i][0] += xv * w0; acc[i][1] += xv * w1; acc[i][2] += xv * w2; acc[i][3] += xv * w3;
+        }
+    }
+    for (int i = 0; i < tb; i++)
+        for (int j = 0; j < NB; j++) {
+            float s = hsum(acc[i][j]);
+            for (int kk = k; kk < K; kk++) s += x[(size_t)i * K + kk] * w[(size_t)j * K + kk];
+            y[(size_t)i * N + j] = s;
+        }
+}
+
+static void tiles(const float *x, const float *w, float *y, int T, int K, int N, const float *pf) {
+    int t = 0;
+    for (; t + TB <= T; t += TB, pf = NULL) tile(x + (size_t)t * K, w, y + (size_t)t * N, TB, K, N, pf);
+    switch (T - t) { /* constant tb, so the accumulators stay in registers */
+#if TB > 3
+        case 3: tile(x + (size_t)t * K, w, y + (size_t)t * N, 3, K, N, pf); break;
+        case 2: tile(x + (size_t)t * K, w, y + (size_t)t * N, 2, K, N, pf); break;
+#endif
+        case 1: tile(x + (size_t)t * K, w, y + (size_t)t * N, 1, K, N, pf); break;
+    }
+}
+
+static void last_rows(const float *x, const float *w, float *y, int T, int K, int N, int rows) {
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < rows; j++) { /* the same order of sums as tile() */
+            vec acc = (vec){0};
+            int k = 0;
+            for (; k + VL <= K; k += VL) acc += loadu(x + (size_t)t * K + k) * loadu(w + (size_t)j * K + k);
+            float s = hsum(acc);
+            for (; k < K; k++) s += x[(size_t)t * K + k] * w[(size_t)j * K + k];
+            y[(size_t)t * N + j] = s;
+        }
+}
+
+/* Output columns [n0, n1) of y; n0 a multiple of NB, n1 too unless it is N. Any split of [0, N)
+ * at multiples of NB computes every element as the whole call does. */
+static void linear_columns(const float *x, const float *w, float *y, int T, int K, int N, int n0, int n1) {
+    int n = n0;
+    for (; n + NB <= n1; n += NB) {
+        const float *ahead = n + (PF + 1) * NB <= n1 ? w + (size_t)(n + PF * NB) * K : NULL;
+        tiles(x, w + (size_t)n * K, y + n, T, K, N, ahead);
+    }
+    if (n < n1) last_rows(x, w + (size_t)n * K, y + n, T, K, N, n1 - n);
+}
+
+/* ---- threads ---------------------------------------------------------------------------- */
+/* A pool of worker threads that sleep between calls. A call splits its work into `threads`
+ * shares: output columns at multiples of NB, heads, or (row, head) pairs. Each output element is
+ * computed by the same code whatever the share it falls in, so results are bitwise the same
+ * for every thread count. Inside a call the threads meet at spinning barriers (a decoder layer
+ * has five), so a thread the scheduler parks holds up the others: callers choose the count. */
+
+#define MAX_THREADS 64
+typedef void (*task)(void *job, int id, int n);
+
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER; /* one parallel call at a time */
+static pthread_mutex_t wake_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
+static int workers; /* started so far (ids 1..workers) */
+static long generation; /* bumped for each call, under wake_lock */
+static task job_task;
+static void *job_data;
+static int job_threads;
+static atomic_int finished;
+
+static void relax(int *spins) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (++*spins < 4000) { __builtin_ia32_pause(); return; }
+#else
+    if (++*spins < 4000) return;
+#endif
+    sched_yield();
+}
+
+static void *worker(void *arg) {
+    int id = (int)(intptr_t)arg;
+    long seen = 0;
+    for (;;) {
+        pthread_mutex_lock(&wake_lock);
+        while (generation == seen) pthread_cond_wait(&wake, &wake_lock);
+        seen = generation;
+        task fn = job_task; void *data = job_data; int n = job_threads;
+        pthread_mutex_unlock(&wake_lock);
+        if (id < n) { fn(data, id, n); atomic_fetch_add(&finished, 1); }
+    }
+    return NULL;
+}
+
+static void after_fork_in_child(void) { /* the workers did not survive the fork */
+    workers = 0; generation = 0;
+    pthread_mutex_init(&pool_lock, NULL); pthread_mutex_init(&wake_lock, NULL); pthread_cond_init(&wake, NULL);
+}
+
+static void run_parallel(task fn, void *data, int n) {
+    if (n > MAX_THREADS) n = MAX_THREADS;
+    if (n <= 1) { fn(data, 0, 1); return; }
+    pthread_mutex_lock(&pool_lock);
+    static int registered;
+    if (!registered) registered = !pthread_atfork(NULL, NULL, after_fork_in_child);
+    while (workers < n - 1) {
+        pthread_t thread;
+        if (pthread_create(&thread, NULL, worker, (void *)(intptr_t)(workers + 1))) break;
+        pthread_detach(thread);
+        workers++;
+    }
+    if (n > workers + 1) n = workers + 1;
+    pthread_mutex_lock(&wake_lock);
+    job_task = fn; job_data = data; job_threads = n;
+    atomic_store(&finished, 0);
+    generation++;
+    pthread_cond_broadcast(&wake);
+    pthread_mutex_unlock(&wake_lock);
+    fn(data, 0, n);
+    for (int spins = 0; atomic_load(&finished) < n - 1;) relax(&spins);
+    pthread_mutex_unlock(&pool_lock);
+}
+
+typedef struct { atomic_int arrived, phase; } barrier;
+
+static void meet(barrier *b, int n) {
+    if (n == 1) return;
+    int phase = atomic_load(&b->phase);
+    if (atomic_fetch_add(&b->arrived, 1) == n - 1) {
+        atomic_store(&b->arrived, 0);
+        atomic_fetch_add(&b->phase, 1);
+        return;
+    }
+    for (int spins = 0; atomic_load(&b->phase) == phase;) relax(&spins);
+}
+
+/* thread id's share [*lo, *hi) of `units` units */
+static void share(int units, int id, int n, int *lo, int *hi) {
+    *lo = (int)((long)units * id / n);
+    *hi = (int)((long)units * (id + 1) / n);
+}
+
+/* thread id's share of the output columns [0, N): whole blocks of NB, the tail with the last */
+static void column_share(int N, int id, int n, int *n0, int *n1) {
+    share((N + NB - 1) / NB, id, n, n0, n1);
+    *n0 *= NB;
+    *n1 = *n1 * NB < N ? *n1 * NB : N;
+}
+
+typedef struct { const float *x, *w; float *y; int T, K, N; } linear_job;
+
+static void linear_task(void *data, int id, int n) {
+    linear_job *j = data;
+    int n0, n1;
+    column_share(j->N, id, n, &n0, &n1);
+    linear_columns(j->x, j->w, j->y, j->T, j->K, j->N, n0, n1);
+}
+
+int specframe_few_rows_linear(const float *x, const float *w, float *y, int T, int K, int N, int threads) {
+    linear_job job = {x, w, y, T, K, N};
+    run_parallel(linear_task, &job, threads);
+    return 0;
+}
+
+/* ---- decoder layers ---------------------------------------------------------------------- */
+
+typedef struct { /* one Llama decoder layer: PyTorch's weights and the KV cache, read in place */
+    const float *input_norm, *q, *k, *v, *o, *post_norm, *gate, *up, *down;
+    float *keys, *values; /* (Hkv, capacity, D) */
+    long capacity;
+} specframe_layer;
+
+typedef struct { int C, H, Hkv, D, I; float eps, scale; } specframe_dims;
+
+static float dot(const float *a, const float *b, int n) {
+    vec acc = (vec){0};
+    int k = 0;
+    for (; k + VL <= n; k += VL) acc += loadu(a + k) * loadu(b + k);
+    float s = hsum(acc);
+    for (; k < n; k++) s += a[k] * b[k];
+    return s;
+}
+
+/* transformers' LlamaRMSNorm: w * (x * rsqrt(mean(x^2) + eps)), row by row */
+static void rms_norm(const float *x, const float *w, float *out, int T, int C, float eps) {
+    for (int t = 0; t < T; t++) {
+        const float *row = x + (size_t)t * C;
+        float r = 1.0f / sqrtf(dot(row, row, C) / (float)C + eps);
+        for (int c = 0; c < C; c++) out[(size_t)t * C + c] = w[c] * (row[c] * r);
+    }
+}
+
+/* q * cos + rotate_half(q) * sin on each of `heads` heads of one row, in place */
+static void rope(float *x, const float *cos, const float *sin, int heads, int D) {
+    int half_d = D / 2;
+    for (int h = 0; h < heads; h++) {
+        float *v = x + (size_t)h * D, first[512];
+        memcpy(first, v, sizeof(float) * half_d);
+        for (int d = 0; d < half_d; d++) v[d] = v[d] * cos[d] + (-v[d + half_d]) * sin[d];
+        for (int d = half_d; d < D; d++) v[d] = v[d] * cos[d] + first[d - half_d] * sin[d];
+    }
+}
+
+typedef int ivec __attribute__((vector_size(VL * 4)));
+
+static inline vec splat(float f) { return (vec){0} + f; }
+
+/* e^x in each lane, within about 2 ulp of expf; 0 below -87.3 (and for -inf), and x above 88
+ * taken as 88. Lanes are independent. Cephes' expf: x = n ln 2 + r, e^r by a degree-7
+ * polynomial, times 2^n. */
+static inline vec exp_lanes(vec x) {
+    ivec tiny = x < splat(-87.33654f), huge = x > splat(88.0f);
+    x = (vec)(((ivec)x & ~tiny) | ((ivec)splat(-87.33654f) & tiny));
+    x = (vec)(((ivec)x & ~huge) | ((ivec)splat(88.0f) & huge));
+    vec n = (x * splat(1.44269504f) + splat(12582912.0f)) - splat(12582912.0f); /* round to nearest */
+    vec r = x - n * splat(0.693359375f) + n * splat(2.12194440e-4f);
+    vec p = splat(1.9875691500e-4f);
+    p = p * r + splat(1.3981999507e-3f);
+    p = p * r + splat(8.3334519073e-3f);
+    p = p * r + splat(4.1665795894e-2f);
+    p = p * r + splat(1.6666665459e-1f);
+    p = p * r + splat(5.0000001201e-1f);
+    p = p * (r * r) + r + splat(1.0f);
+    ivec scale = (__builtin_convertvector(n, ivec) + 127) << 23;
+    return (vec)((ivec)(p * (vec)scale) & ~tiny);
+}
+
+/* row[i] = e^(row[i] - top) for i < n; returns their sum (in an order fixed by n alone) */
+static float softmax_weights(float *row, int n, float top) {
+    vec sum = (vec){0};
+    int i = 0;
+    for (; i + VL <= n; i += VL) {
+        vec e = exp_lanes(loadu(row + i) - splat(top));
+        __builtin_memcpy(row + i, &e, sizeof e);
+        sum += e;
+    }
+    if (i < n) { /* the tail, padded with -inf (weight 0) */
+        float tail[VL];
+        for (int k = 0; k < VL; k++) tail[k] = i + k < n ? row[i + k] : -INFINITY;
+        vec e = exp_lanes(loadu(tail) - splat(top));
+        __builtin_memcpy(tail, &e, sizeof e);
+        for (int k = 0; i + k < n; k++) row[i + k] = tail[k];
+        sum += e;
+    }
+    return hsum(sum);
+}
+
+/* Attention of `heads` query heads (rows of q, D apart) that share one key/value head, for one
+ * row: over the keys at positions 0..n_keys-1, or at order[0..n_keys-1] (a token tree's row:
+ * the cached positions, its ancestors and itself, in order, as a chain pass over its path sees
+ * them). Each key and value is loaded once for all heads. scores: heads * n_keys floats. Every
+ * (head, key) score and every output is computed by the same code whatever `heads` is. */
+#define HEAD_CHUNK 4
+
+static inline __attribute__((always_inline)) void attend_chunk(
+        const float *q, const float *keys, const float *values, const int *order, int n_keys, int D, int heads,
+        float scale, float *scores, float *out, const int DV, const int HC) {
+    vec qv[HC][DV], acc[HC][DV];
+    for (int h = 0; h < heads; h++) for (int c = 0; c < DV; c++) qv[h][c] = loadu(q + (size_t)h * D + c * VL);
+    for (int i = 0; i < n_keys; i++) {
+        const float *k = keys + (size_t)(order ? order[i] : i) * D;
+        vec kv[DV];
+        for (int c = 0; c < DV; c++) kv[c] = loadu(k + c * VL);
+        for (int h = 0; h < heads; h++) {
+            vec dot = (vec){0};
+            for (int c = 0; c < DV; c++) dot += qv[h][c] * kv[c];
+            scores[(size_t)h * n_keys + i] = hsum(dot) * scale;
+        }
+    }
+    float inverse[HC];
+    for (int h = 0; h < heads; h++) {
+        float *row = scores + (size_t)h * n_keys, top = -INFINITY;
+        for (int i = 0; i < n_keys; i++) top = row[i] > top ? row[i] : top;
+        inverse[h] = 1.0f / softmax_weights(row, n_keys, top);
+        for (int c = 0; c < DV; c++) acc[h][c] = (vec){0};
+    }
+    for (int i = 0; i < n_keys; i++) {
+        const float *v = values + (size_t)(order ? order[i] : i) * D;
+        vec vv[DV];
+        for (int c = 0; c < DV; c++) vv[c] = loadu(v + c * VL);
+        for (int h = 0; h < heads; h++) {
+            float p = scores[(size_t)h * n_keys + i];
+            for (int c = 0; c < DV; c++) acc[h][c] += p * vv[c];
+        }
+    }
+    for (int h = 0; h < heads; h++)
+        for (int c = 0; c < DV; c++) {
+            vec o = acc[h][c] * inverse[h];
+            __builtin_memcpy(out + (size_t)h * D + c * VL, &o, sizeof o);
+        }
+}
+
+/* The same for any D, without vectors kept in registers (the order of sums is the same per head). */
+static void attend_any(const float *q, const float *keys, const float *values, const int *order, int n_keys, int D,
+                       int heads, float scale, float *scores, float *out) {
+    for (int h = 0; h < heads; h++) {
+        float *row = scores + (size_t)h * n_keys, top = -INFINITY;
+        for (int i = 0; i < n_keys; i++) {
+            row[i] = dot(q + (size_t)h * D, keys + (size_t)(order ? order[i] : i) * D, D) * scale;
+            top = row[i] > top ? row[i] : top;
+        }
+        float *o = out + (size_t)h * D, total = softmax_weights(row, n_keys, top);
+        for (int d = 0; d < D; d++) o[d] = 0.0f;
+        for (int i = 0; i < n_keys; i++) {
+            const float *v = values + (size_t)(order ? order[i] : i) * D;
+            for (int d = 0; d < D; d++) o[d] += row[i] * v[d];
+        }
+        for (int d = 0; d < D; d++) o[d] *= 1.0f / total;
+    }
+}
+
+static void attend(const float *q, const float *keys, const float *values, const int *order, int n_keys, int D,
+                   int heads, float scale, float *scores, float *out) {
+    int chunk = D == 8 * VL ? HEAD_CHUNK / 2 : HEAD_CHUNK; /* the accumulators fit in registers */
+    for (int h0 = 0; h0 < heads; h0 += chunk) {
+        int hc = heads - h0 < chunk ? heads - h0 : chunk;
+        const float *qh = q + (size_t)h0 * D;
+        float *oh = out + (size_t)h0 * D;
+        if (D == 4 * VL) attend_chunk(qh, keys, values, order, n_keys, D, hc, scale, scores, oh, 4, HEAD_CHUNK);
+        else if (D == VL) attend_chunk(qh, keys, values, order, n_keys, D, hc, scale, scores, oh, 1, HEAD_CHUNK);
+        else if (D == 2 * VL) attend_chunk(qh, keys, values, order, n_keys, D, hc, scale, scores, oh, 2, HEAD_CHUNK);
+        else if (D == 8 * VL) attend_chunk(qh, keys, values, order, n_keys, D, hc, scale, scores, oh, 8, HEAD_CHUNK / 2);
+        else attend_any(qh, keys, values, order, n_keys, D, hc, scale, scores, oh);
+    }
+}
+
+typedef struct { /* one call of specframe_layers; h and scores: one slice per thread */
+    const specframe_dims *d;
+    const specframe_layer *layers;
+    int n_layers, T, start;
+    float *x;
+    const float *cos, *sin;
+    const int *order, *seen; /* a tree pass: row t sees keys order[t * S ..], seen[t] of them */
+    float *q, *k, *v, *a, *g, *u, *y, *h, *scores;
+    size_t h_stride, scores_stride;
+    barrier meeting;
+} layers_job;
+
+/* the rotary embedding of heads [h0, h1) of every row of x (T, heads * D), in place */
+static void rope_heads(const layers_job *j, float *x, int heads, int h0, int h1) {
+    int D = j->d->D;
+    for (int t = 0; t < j->T; t++)
+        rope(x + ((size_t)t * heads + h0) * D, j->cos + (size_t)t * D, j->sin + (size_t)t * D, h1 - h0, D);
+}
+
+/* keys or values of heads [g0, g1) of the new rows (T, Hkv * D) into a (Hkv, capacity, D) cache */
+static void to_cache(const layers_job *j, const specframe_layer *l, const float *rows, float *cache, int g0, int g1) {
+    int Hkv = j->d->Hkv, D = j->d->D;
+    for (int t = 0; t < j->T; t++)
+        for (int g = g0; g < g1; g++)
+            memcpy(cache + ((size_t)g * l->capacity + j->start + t) * D, rows + ((size_t)t * Hkv + g) * D,
+                   sizeof(float) * D);
+}
+
+static void projections(layers_job *j, const specframe_layer *l, const float *h, int id, int n) {
+    const specframe_dims *d = j->d;
+    int C = d->C, H = d->H, Hkv = d->Hkv, D = d->D, T = j->T, lo, hi;
+    share(H, id, n, &lo, &hi);
+    linear_columns(h, l->q, j->q, T, C, H * D, lo * D, hi * D);
+    rope_heads(j, j->q, H, lo, hi);
+    share(Hkv, id, n, &lo, &hi);
+    linear_columns(h, l->k, j->k, T, C, Hkv * D, lo * D, hi * D);
+    rope_heads(j, j->k, Hkv, lo, hi);
+    to_cache(j, l, j->k, l->keys, lo, hi);
+    linear_columns(h, l->v, j->v, T, C, Hkv * D, lo * D, hi * D);
+    to_cache(j, l, j->v, l->values, lo, hi);
+}
+
+static void attention(layers_job *j, const specframe_layer *l, int id, int n) {
+    const specframe_dims *d = j->d;
+    int H = d->H, Hkv = d->Hkv, D = d->D, group = H / Hkv, S = j->start + j->T, lo, hi;
+    share(j->T * Hkv, id, n, &lo, &hi);
+    for (int item = lo; item < hi; item++) {
+        int t = item / Hkv, g = item % Hkv;
+        size_t cache = (size_t)g * l->capacity * D, heads = (size_t)t * H + (size_t)g * group;
+        attend(j->q + heads * D, l->keys + cache, l->values + cache, j->order ? j->order + (size_t)t * S : NULL,
+               j->order ? j->seen[t] : j->start + t + 1, D, group, d->scale, j->scores + id * j->scores_stride,
+               j->a + heads * D);
+    }
+}
+
+/* x[:, n0:n1] += in[:, n0:n1] @ w[n0:n1]^T: a residual branch's output columns */
+static void add_columns(layers_job *j, const float *in, const float *w, int K, int id, int n) {
+    int C = j->d->C, n0, n1;
+    column_share(C, id, n, &n0, &n1);
+    linear_columns(in, w, j->y, j->T, K, C, n0, n1);
+    for (int t = 0; t < j->T; t++)
+        for (int c = n0; c < n1; c++) j->x[(size_t)t * C + c] = j->x[(size_t)t * C + c] + j->y[(size_t)t * C + c];
+}
+
+/* g[i] = silu(g[i]) * u[i] = g[i] / (1 + e^-g[i]) * u[i], lane by lane (the tail padded) */
+static void silu_times(float *g, const float *u, int n) {
+    for (int i = 0; i < n; i += VL) {
+        float gs[VL], us[VL];
+        int lanes = n - i < VL ? n - i : VL;
+        for (int k = 0; k < VL; k++) { gs[k] = k < lanes ? g[i + k] : 0.0f; us[k] = k < lanes ? u[i + k] : 0.0f; }
+        vec gv = loadu(gs), out = gv / (splat(1.0f) + exp_lanes((vec){0} - gv)) * loadu(us);
+        __builtin_memcpy(gs, &out, sizeof out);
+        for (int k = 0; k < lanes; k++) g[i + k] = gs[k];
+    }
+}
+
+static void gate_up(layers_job *j, const specframe_layer *l, const float *h, int id, int n) {
+    int C = j->d->C, I = j->d->I, T = j->T, n0, n1;
+    column_share(I, id, n, &n0, &n1);
+    linear_columns(h, l->gate, j->g, T, C, I, n0, n1);
+    linear_columns(h, l->up, j->u, T, C, I, n0, n1);
+    for (int t = 0; t < T; t++) silu_times(j->g + (size_t)t * I + n0, j->u + (size_t)t * I + n0, n1 - n0);
+}
+
+static void layers_task(void *data, int id, int n) {
+    layers_job *j = data;
+    const specframe_dims *d = j->d;
+    float *h = j->h + id * j->h_stride; /* each thread normalises the rows itself: no barrier for it */
+    for (int i = 0; i < j->n_layers; i++) {
+        const specframe_layer *l = j->layers + i;
+        rms_norm(j->x, l->input_norm, h, j->T, d->C, d->eps);
+        projections(j, l, h, id, n);
+        meet(&j->meeting, n);
+        attention(j, l, id, n);
+        meet(&j->meeting, n);
+        add_columns(j, j->a, l->o, d->H * d->D, id, n);
+        meet(&j->meeting, n);
+        rms_norm(j->x, l->post_norm, h, j->T, d->C, d->eps);
+        gate_up(j, l, h, id, n);
+        meet(&j->meeting, n);
+        add_columns(j, j->g, l->down, d->I, id, n);
+        meet(&j->meeting, n);
+    }
+}
+
+static size_t padded(size_t floats) { return (floats + 15) & ~(size_t)15; } /* 64-byte pieces */
+
+/* x (T, C): the residual stream of T new tokens at positions start.., updated in place through
+ * n_layers layers on `threads` threads. cos, sin (T, D): the rotary embedding of each row. mask:
+ * NULL (causal: row t sees cached positions and new rows <= t) or (T, start + T) bytes, row t
+ * seeing the keys it marks (a token tree). Keys and values of the new rows are written at
+ * start.. of each cache. Returns 0, or < 0 when scratch memory cannot be had or D is too large
+ * (nothing is changed then). */
+int specframe_layers(const specframe_dims *d, const specframe_layer *layers, int n_layers, float *x, int T,
+                     int start, const float *cos, const float *sin, const unsigned char *mask, int threads) {
+    int C = d->C, H = d->H, Hkv = d->Hkv, D = d->D, I = d->I, S = start + T;
+    if (D > 1024) return -2;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads < 1 || D % NB) threads = 1; /* head shares must be whole blocks of NB columns */
+    layers_job j = {.d = d, .layers = layers, .n_layers = n_layers, .T = T, .start = start, .x = x, .cos = cos,
+                    .sin = sin, .h_stride = padded((size_t)T * C), .scores_stride = padded((size_t)HEAD_CHUNK * S)};
+    size_t sizes[10] = {(size_t)T * H * D, (size_t)T * Hkv * D, (size_t)T * Hkv * D, (size_t)T * H * D,
+                        (size_t)T * I, (size_t)T * I, (size_t)T * C, threads * j.h_stride, threads * j.scores_stride,
+                        mask ? (size_t)T * S + T : 0};
+    size_t total = 0;
+    for (int i = 0; i < 10; i++) total += padded(sizes[i]);
+    float *memory = aligned_alloc(64, total * sizeof(float)), *at = memory;
+    if (!memory) return -1;
+    float **pieces[9] = {&j.q, &j.k, &j.v, &j.a, &j.g, &j.u, &j.y, &j.h, &j.scores};
+    for (int i = 0; i < 9; i++) { *pieces[i] = at; at += padded(sizes[i]); }
+    if (mask) { /* each row's keys, in order */
+        int *order = (int *)at, *seen = order + (size_t)T * S;
+        for (int t = 0; t < T; t++) {
+            seen[t] = 0;
+            for (int s = 0; s < S; s++) if (mask[(size_t)t * S + s]) order[(size_t)t * S + seen[t]++] = s;
+        }
+        j.order = order, j.seen = seen;
+    }
+    run_parallel(layers_task, &j, threads);
+    free(memory);
+    return 0;
+}

@@ -1,0 +1,173 @@
+"""Whole Llama decoder layers for a pass over 1-16 tokens, one C call per run of layers.
+
+A one-token fp32 pass of the default model spends about a third of its time outside the
+linear layers: Python, and the many small operators of 30 layers (RMSNorm, RoPE, the cache
+write, SDPA, SiLU, residuals). `specframe_layers` in few_rows.c does all of a layer in C:
+RMSNorm, q/k/v through the few-row linear kernel, RoPE (with the cos/sin transformers' rotary
+embedding computed for the pass), the new keys and values written into the target's KV cache
+buffers in place, each row's attention over the cache (causal within the new rows, or a token
+tree's mask), o-proj and residual, RMSNorm, gate/up, SiLU times up, down and residual.
+
+Each row is computed by the same code whatever the number of rows, so a verification pass gives
+bitwise the rows of one-token passes. Against transformers' layers the results differ only by
+fp32 rounding. Before a model uses the compiled layers, they are checked once per process
+against transformers' own on a small random Llama (`_checked`).
+
+Only Llama layers (`LlamaDecoderLayer`: no biases, SiLU, no hooks) in fp32 on CPU; anything
+else, prefills over more than MAX_ROWS tokens, and SPECFRAME_FEW_ROW_KERNEL=0 keep the PyTorch
+path of `TargetModel._run_layers`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import warnings
+
+import torch
+
+from . import build
+from .attention import MAX_ROWS
+
+_TABLE_COLUMNS = ("input_norm", "q", "k", "v", "o", "post_norm", "gate", "up", "down", "keys", "values", "capacity")
+
+
+class _Dims(ctypes.Structure):
+    _fields_ = [("C", ctypes.c_int), ("H", ctypes.c_int), ("Hkv", ctypes.c_int), ("D", ctypes.c_int),
+                ("I", ctypes.c_int), ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+class CompiledLayers:
+    """The compiled path of a Llama model's decoder layers; `compiled_layers(model)` makes one."""
+
+    def __init__(self, model, lib: ctypes.CDLL):
+        config, layers = model.config.get_text_config(), model.model.layers
+        attention = layers[0].self_attn
+        self._lib = lib
+        self._heads, self._kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self._head_dim = attention.head_dim
+        self._dims = _Dims(config.hidden_size, self._heads, self._kv_heads, self._head_dim,
+                           config.intermediate_size, layers[0].input_layernorm.variance_epsilon, attention.scaling)
+        self._weights = [_layer_weights(layer) for layer in layers]  # each (9,) tensors, C's order
+        self._layers = list(layers)
+
+    def hooked(self) -> bool:
+        """Whether a forward hook now sits on a decoder layer (or on every module)."""
+        from torch.nn.modules import module
+
+        return bool(module._global_forward_hooks or module._global_forward_pre_hooks) or any(
+            layer._forward_hooks or layer._forward_pre_hooks for layer in self._layers)
+
+    def run(self, hidden: torch.Tensor, first: int, last: int, start: int, cache, rope: tuple[torch.Tensor, ...],
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run (T, C) states at positions start.. through layers [first, last); return the (T, C) result.
+
+        Keys and values go into `cache` (a `specframe.target.KVCache` whose layers hold `start`
+        tokens). rope: transformers' (cos, sin), each (1, T, D). mask: None (causal) or a token
+        tree's (1, 1, T, start + T) bool mask.
+        """
+        T = hidden.shape[0]
+        end = start + T
+        prototype = hidden.new_empty(1, self._kv_heads, 0, self._head_dim)
+        table = torch.empty(last - first, len(_TABLE_COLUMNS), dtype=torch.int64)  # the C struct array
+        rows = []
+        for index in range(first, last):
+            assert cache.length(index) == start, f"layer {index} caches {cache.length(index)} tokens, not {start}"
+            keys, values = cache.make_room(index, end, prototype)
+            rows.append([w.data_ptr() for w in self._weights[index]] + [keys.data_ptr(), values.data_ptr(),
+                                                                        keys.shape[2]])
+        table[:] = torch.tensor(rows, dtype=torch.int64)
+        x = hidden.contiguous().clone()  # updated in place by the C call
+        cos, sin = (part[0].contiguous() for part in rope)
+        tree = None if mask is None else mask[0, 0].to(torch.uint8).contiguous()
+        status = self._lib.specframe_layers(ctypes.byref(self._dims), table.data_ptr(), last - first, x.data_ptr(),
+                                            T, start, cos.data_ptr(), sin.data_ptr(),
+                                            None if tree is None else tree.data_ptr(), torch.get_num_threads())
+        if status != 0:
+            raise MemoryError(f"the compiled decoder layers could not allocate scratch memory (status {status})")
+        for index in range(first, last):
+            cache.lengths[index] = end
+        return x
+
+
+def compiled_layers(model) -> CompiledLayers | None:
+    """The compiled path for `model`'s decoder layers, or None where it does not apply (see the
+    module's docstring) or its check against transformers failed."""
+    lib = build.library()
+    if lib is None or not _is_plain_llama(model) or not _checked(lib):
+        return None
+    return CompiledLayers(model, lib)
+
+
+def runs(layers: CompiledLayers | None, hidden: torch.Tensor) -> bool:
+    """Whether a pass over `hidden` (T, C) takes the compiled layers: not when a hook was put on
+    a decoder layer since (it expects the layer's own forward to run)."""
+    return (layers is not None and hidden.shape[0] <= MAX_ROWS and hidden.dtype == torch.float32 and hidden.is_cpu
+            and not torch.is_grad_enabled() and not layers.hooked())
+
+
+def _layer_weights(layer) -> list[torch.Tensor]:
+    attention, mlp = layer.self_attn, layer.mlp
+    return [layer.input_layernorm.weight, attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight,
+            attention.o_proj.weight, layer.post_attention_layernorm.weight, mlp.gate_proj.weight, mlp.up_proj.weight,
+            mlp.down_proj.weight]
+
+
+def _is_plain_llama(model) -> bool:
+    """Llama decoder layers as transformers writes them, in fp32 on CPU, with nothing hooked in."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
+
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not layers or not all(type(layer) is LlamaDecoderLayer for layer in layers):
+        return False
+    config = model.config.get_text_config()
+    if config.hidden_act not in ("silu", "swish") or getattr(config, "pretraining_tp", 1) != 1:
+        return False
+    modules = [m for layer in layers for m in layer.modules()]
+    if any("forward" in vars(m) or m._forward_hooks or m._forward_pre_hooks for m in modules):
+        return False
+    linears = [m for m in modules if isinstance(m, torch.nn.Linear)]
+    norms = [layer.input_layernorm for layer in layers] + [layer.post_attention_layernorm for layer in layers]
+    weights = [w for layer in layers for w in _layer_weights(layer)]
+    return (all(m.bias is None for m in linears) and all(type(n) is LlamaRMSNorm for n in norms)
+            and all(w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous() for w in weights))
+
+
+@functools.cache
+def _checked(lib: ctypes.CDLL) -> bool:
+    """Whether the compiled layers agree with transformers' on a small random Llama: a pass over
+    3 tokens after 2 cached, causal, and a tree pass. Warns and returns False if not."""
+    error = _layer_check_error(lib)
+    if error is not None:
+        warnings.warn(f"specframe: the compiled decoder layers are unavailable ({error}); using PyTorch's layers",
+                      RuntimeWarning, stacklevel=3)
+    return error is None
+
+
+def _layer_check_error(lib: ctypes.CDLL) -> str | None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ..target import KVCache
+
+    config = LlamaConfig(vocab_size=16, hidden_size=40, intermediate_size=56, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(5, config.hidden_size, generator=generator)
+    with torch.inference_mode():
+        positions = torch.arange(5)[None]
+        rope = model.model.rotary_emb(hidden[None], position_ids=positions)
+        mask = (torch.arange(5)[None, :] <= torch.arange(5)[:, None])[None, None]
+        expected = hidden[None]
+        for layer in model.model.layers:
+            expected = layer(expected, attention_mask=mask, position_ids=positions, position_embeddings=rope)
+        compiled, cache = CompiledLayers(model, lib), KVCache()
+        head = compiled.run(hidden[:2], 0, 2, 0, cache, tuple(part[:, :2] for part in rope))
+        tail = compiled.run(hidden[2:], 0, 2, 2, cache, tuple(part[:, 2:] for part in rope), mask[:, :, 2:])
+    got = torch.cat([head, tail])
+    if not torch.allclose(got, expected[0], rtol=1e-4, atol=1e-4):
+        return f"largest difference {(got - expected[0]).abs().max().item():.2e} from transformers' layers"
+    return None

@@ -1,0 +1,204 @@
+"""The compiled decoder layers (specframe.kernels.layers): transformers' layers within fp32
+rounding, each row bitwise independent of the rows beside it, token trees, and PyTorch's path
+wherever they do not apply."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+
+from specframe.kernels import build, layers
+from specframe.kernels.layers import CompiledLayers, compiled_layers
+from specframe.target import KVCache, TargetModel
+from specframe.trees import tree_attention_mask, tree_positions
+
+from .conftest import tiny_llama
+
+HAS_COMPILER = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
+
+
+@pytest.fixture
+def lib():
+    if build.library() is None:
+        if HAS_COMPILER:
+            pytest.fail("a C compiler is on PATH but the few-row kernel did not build")
+        pytest.skip("no C compiler: the PyTorch path is tested everywhere else")
+    return build.library()
+
+
+def _reference(model, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """transformers' decoder layers over (S, C) states without a cache -> (S, C)."""
+    inner = model.model
+    with torch.inference_mode():
+        rope = inner.rotary_emb(hidden[None], position_ids=positions)
+        x = hidden[None]
+        for layer in inner.layers:
+            x = layer(x, attention_mask=mask, position_ids=positions, position_embeddings=rope)
+    return x[0]
+
+
+def _assert_fp32_close(got: torch.Tensor, model, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
+    """`got` is transformers' fp32 result up to rounding: within a 1e-5 of the states' scale of
+    it, and no further from the float64 result than twice transformers' own fp32 error."""
+    expected = _reference(model, hidden, mask, positions)
+    exact = _reference(copy.deepcopy(model).double(), hidden.double(), mask, positions).float()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    assert (got - exact).abs().max() <= 2 * (expected - exact).abs().max() + 1e-6
+
+
+def _compiled(model, lib, hidden: torch.Tensor, chunks: list[int], mask: torch.Tensor | None = None,
+              positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The compiled layers over (S, C) states in passes of `chunks` rows; the last pass may take a
+    (1, 1, T, S) tree mask and (1, T) positions."""
+    compiled, cache, inner, out, start = CompiledLayers(model, lib), KVCache(), model.model, [], 0
+    with torch.inference_mode():
+        for i, T in enumerate(chunks):
+            last = i == len(chunks) - 1
+            where = positions if last and positions is not None else torch.arange(start, start + T)[None]
+            rope = inner.rotary_emb(hidden[None, start : start + T], position_ids=where)
+            out.append(compiled.run(hidden[start : start + T], 0, len(inner.layers), start, cache, rope,
+                                    mask if last else None))
+            start += T
+    return torch.cat(out)
+
+
+def _causal(S: int) -> torch.Tensor:
+    return (torch.arange(S)[None, :] <= torch.arange(S)[:, None])[None, None]
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 8, 13, 16])
+def test_layers_match_transformers_on_a_tiny_llama(lib, T):
+    model = tiny_llama(num_layers=3, seed=T, init=0.3, hidden_size=64)
+    hidden = torch.randn(20 + T, 64, generator=torch.Generator().manual_seed(T))
+    _assert_fp32_close(_compiled(model, lib, hidden, [16, 4, T]), model, hidden, _causal(20 + T),
+                       torch.arange(20 + T)[None])
+
+
+@pytest.mark.parametrize("head_dim", [8, 10, 16, 32, 64, 128])  # the vector widths' multiples, and not
+def test_layers_match_transformers_for_any_head_size(lib, head_dim):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=16, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=head_dim, initializer_range=0.2)
+    with torch.random.fork_rng():
+        torch.manual_seed(head_dim)
+        model = LlamaForCausalLM(config).eval()
+    hidden = torch.randn(24, 48, generator=torch.Generator().manual_seed(head_dim))
+    _assert_fp32_close(_compiled(model, lib, hidden, [16, 3, 5]), model, hidden, _causal(24), torch.arange(24)[None])
+
+
+@pytest.mark.slow
+def test_layers_match_transformers_on_the_default_model(lib, default_model):
+    model, _ = default_model
+    ids = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        hidden = model.model.embed_tokens(ids)
+    _assert_fp32_close(_compiled(model, lib, hidden, [16, 16, 1, 7]), model, hidden, _causal(40),
+                       torch.arange(40)[None])
+
+
+def test_each_row_is_bitwise_the_row_of_a_one_token_pass(lib):
+    model = tiny_llama(num_layers=3, seed=1, init=0.3, hidden_size=64)
+    hidden = torch.randn(26, 64, generator=torch.Generator().manual_seed(0))
+    together = _compiled(model, lib, hidden, [10, 16])
+    alone = _compiled(model, lib, hidden, [10] + [1] * 16)
+    assert torch.equal(together, alone)
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_more_threads_give_bitwise_the_one_thread_rows(lib, threads):
+    model = tiny_llama(num_layers=3, seed=4, init=0.3, hidden_size=64)
+    hidden = torch.randn(30, 64, generator=torch.Generator().manual_seed(4))
+    mask, positions = tree_attention_mask(PARENTS, 23, "cpu"), tree_positions(PARENTS, 23, "cpu")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        many = [_compiled(model, lib, hidden, [16, 7, 7], mask, positions), _compiled(model, lib, hidden, [16, 14])]
+        torch.set_num_threads(1)
+        one = [_compiled(model, lib, hidden, [16, 7, 7], mask, positions), _compiled(model, lib, hidden, [16, 14])]
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(many, one))
+
+
+PARENTS = (-1, 0, 0, 1, 3, 2)  # root -> 0 -> 1 -> 3 -> 4, and root -> 0 -> 2 -> 5
+
+
+def test_a_tree_pass_matches_transformers_with_the_trees_mask(lib):
+    model = tiny_llama(num_layers=3, seed=2, init=0.3, hidden_size=64)
+    hidden = torch.randn(12 + len(PARENTS) + 1, 64, generator=torch.Generator().manual_seed(1))
+    mask = tree_attention_mask(PARENTS, 12, "cpu")  # (1, 1, K+1, 12+K+1)
+    positions = tree_positions(PARENTS, 12, "cpu")
+    prefix_mask = torch.cat([_causal(12)[0, 0], torch.zeros(12, len(PARENTS) + 1, dtype=torch.bool)], dim=1)
+    full_mask = torch.cat([prefix_mask, mask[0, 0]])[None, None]
+    got = _compiled(model, lib, hidden, [12, len(PARENTS) + 1], mask, positions)
+    _assert_fp32_close(got, model, hidden, full_mask, torch.cat([torch.arange(12)[None], positions], dim=1))
+
+
+def test_each_tree_node_is_bitwise_a_chain_pass_over_its_path(lib):
+    model = tiny_llama(num_layers=3, seed=2, init=0.3, hidden_size=64)
+    hidden = torch.randn(12 + len(PARENTS) + 1, 64, generator=torch.Generator().manual_seed(1))
+    tree = _compiled(model, lib, hidden, [12, len(PARENTS) + 1], tree_attention_mask(PARENTS, 12, "cpu"),
+                     tree_positions(PARENTS, 12, "cpu"))
+    path = [0, 1, 3, 6]  # the scored rows of root, node 0, node 2, node 5
+    chain = _compiled(model, lib, torch.cat([hidden[:12], hidden[12:][path]]), [12, len(path)])
+    assert torch.equal(tree[12:][path], chain[12:])
+
+
+def test_a_target_pass_takes_the_compiled_layers(lib, tiny_model, monkeypatch):
+    target = TargetModel(tiny_model)
+    assert target.compiled is not None
+    calls = []
+    run = CompiledLayers.run
+    monkeypatch.setattr(CompiledLayers, "run", lambda self, hidden, *a: calls.append(hidden.shape[0])
+                        or run(self, hidden, *a))
+    target.forward(torch.arange(20))  # a prefill of more than 16 tokens keeps PyTorch's layers
+    target.forward(torch.tensor([3, 4, 5]))
+    assert calls == [3]
+
+
+def test_a_hook_on_a_layer_gives_it_its_own_forward(lib, tiny_model):
+    model = tiny_llama(init=0.3)
+    target = TargetModel(model)
+    seen = []
+    model.model.layers[1].register_forward_pre_hook(lambda module, args: seen.append(1))
+    target.forward(torch.tensor([3, 4, 5]))
+    assert seen == [1]
+
+
+def test_the_environment_switch_turns_the_compiled_layers_off(monkeypatch, tiny_model):
+    monkeypatch.setenv(build.DISABLE_ENV, "0")
+    build.library.cache_clear()
+    try:
+        assert TargetModel(tiny_model).compiled is None
+    finally:
+        build.library.cache_clear()
+
+
+@pytest.mark.parametrize("change", ["bf16", "bias", "gelu"])
+def test_other_layers_keep_pytorchs_path(lib, change):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if change == "bf16":
+        model = tiny_llama(dtype=torch.bfloat16)
+    else:
+        config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, attention_bias=change == "bias",
+                             hidden_act="gelu" if change == "gelu" else "silu")
+        model = LlamaForCausalLM(config).eval()
+    assert compiled_layers(model) is None
+
+
+def test_a_wrong_layer_kernel_is_refused(lib, monkeypatch, tmp_path):
+    monkeypatch.setattr(build, "_kernel_dir", lambda: tmp_path)
+    broken = build.C_SOURCE.replace("gv / (splat(1.0f) + exp_lanes((vec){0} - gv)) * loadu(us)", "gv * loadu(us)")
+    assert broken != build.C_SOURCE
+    wrong = build.load_library(build.build_library(shutil.which("cc") or shutil.which("gcc"), build.CFLAGS, broken))
+    assert "from transformers' layers" in layers._layer_check_error(wrong)
+    assert layers._layer_check_error(lib) is None
+    monkeypatch.setattr(build, "library", lambda: wrong)
+    with pytest.warns(RuntimeWarning, match="compiled decoder layers are unavailable"):
+        assert compiled_layers(tiny_llama()) is None
