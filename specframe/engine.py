@@ -341,26 +341,21 @@ class _GuardedController:
         self._controller, self._plugin, self._part = controller, plugin, part
 
     def keep_drafting(self, drafted: int, confidence: float) -> bool:
-        try:
-            keep = self._controller.keep_drafting(drafted, confidence)
-        except Exception as exc:
-            raise _ControllerFault(exc) from exc
-        try:
-            return check_keep_drafting(keep, self._plugin, self._part)
-        except PluginContractError as error:
-            raise _ControllerFault(error) from None
+        return self._checked(lambda: self._controller.keep_drafting(drafted, confidence), check_keep_drafting)
 
     def tree_width(self) -> int | None:
         """The controller's planned tree width (`Controller.tree_width`), checked; None without a plan."""
         plan = getattr(self._controller, "tree_width", None)
-        if plan is None:
-            return None
+        return None if plan is None else self._checked(plan, check_tree_width)
+
+    def _checked(self, call, check):
+        """`check(call())`: a raise from the controller or a broken contract becomes a controller fault."""
         try:
-            width = plan()
+            answer = call()
         except Exception as exc:
             raise _ControllerFault(exc) from exc
         try:
-            return check_tree_width(width, self._plugin, self._part)
+            return check(answer, self._plugin, self._part)
         except PluginContractError as error:
             raise _ControllerFault(error) from None
 
