@@ -69,6 +69,16 @@ def _causal(S: int) -> torch.Tensor:
     return (torch.arange(S)[None, :] <= torch.arange(S)[:, None])[None, None]
 
 
+def _llama(head_dim: int, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=16, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=head_dim, initializer_range=0.2)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config).eval()
+
+
 @pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 8, 13, 16])
 def test_layers_match_transformers_on_a_tiny_llama(lib, T):
     model = tiny_llama(num_layers=3, seed=T, init=0.3, hidden_size=64)
@@ -79,13 +89,7 @@ def test_layers_match_transformers_on_a_tiny_llama(lib, T):
 
 @pytest.mark.parametrize("head_dim", [8, 10, 16, 32, 64, 128])  # the vector widths' multiples, and not
 def test_layers_match_transformers_for_any_head_size(lib, head_dim):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=16, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                         num_attention_heads=6, num_key_value_heads=2, head_dim=head_dim, initializer_range=0.2)
-    with torch.random.fork_rng():
-        torch.manual_seed(head_dim)
-        model = LlamaForCausalLM(config).eval()
+    model = _llama(head_dim, seed=head_dim)
     hidden = torch.randn(24, 48, generator=torch.Generator().manual_seed(head_dim))
     _assert_fp32_close(_compiled(model, lib, hidden, [16, 3, 5]), model, hidden, _causal(24), torch.arange(24)[None])
 
@@ -100,12 +104,28 @@ def test_layers_match_transformers_on_the_default_model(lib, default_model):
                        torch.arange(40)[None])
 
 
-def test_each_row_is_bitwise_the_row_of_a_one_token_pass(lib):
+@pytest.mark.parametrize("T", range(2, 17))  # every tile shape of the linear layers
+def test_each_row_is_bitwise_the_row_of_a_one_token_pass(lib, T):
     model = tiny_llama(num_layers=3, seed=1, init=0.3, hidden_size=64)
-    hidden = torch.randn(26, 64, generator=torch.Generator().manual_seed(0))
-    together = _compiled(model, lib, hidden, [10, 16])
-    alone = _compiled(model, lib, hidden, [10] + [1] * 16)
+    hidden = torch.randn(26 + T, 64, generator=torch.Generator().manual_seed(T))
+    together = _compiled(model, lib, hidden, [10, 16, T])
+    alone = _compiled(model, lib, hidden, [10, 16] + [1] * T)
     assert torch.equal(together, alone)
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 40])
+def test_the_folded_sums_are_bitwise_one_sum_at_a_time(lib, head_dim, monkeypatch, tmp_path):
+    """Attention scores (VL keys at a time) and the linear tiles fold their horizontal sums
+    together; the layers built with -DSPECFRAME_SERIAL_SUMS sum each alone. Both give bitwise
+    the same states, causal (over 16 keys and more, and fewer) and for a tree."""
+    monkeypatch.setattr(build, "_kernel_dir", lambda: tmp_path)
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    serial = build.load_library(build.build_library(compiler, (*build.CFLAGS, "-DSPECFRAME_SERIAL_SUMS")))
+    model = _llama(head_dim, seed=head_dim)
+    hidden = torch.randn(45, 48, generator=torch.Generator().manual_seed(head_dim))
+    mask, positions = tree_attention_mask(PARENTS, 38, "cpu"), tree_positions(PARENTS, 38, "cpu")  # 7 rows
+    for chunks, tree in (([5, 16, 16, 8], {}), ([16, 16, 6, 7], {"mask": mask, "positions": positions})):
+        assert torch.equal(_compiled(model, lib, hidden, chunks, **tree), _compiled(model, serial, hidden, chunks, **tree))
 
 
 @pytest.mark.parametrize("threads", [2, 3, 5])

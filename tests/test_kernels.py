@@ -53,6 +53,41 @@ def test_each_row_is_bitwise_the_one_row_product(kernel):
     assert torch.equal(together, alone)
 
 
+@pytest.mark.parametrize("rows", range(2, 17))
+def test_every_tile_shape_gives_each_row_bitwise_its_one_row_product(kernel, rows):
+    """2-16 rows take tiles of up to 8 rows (2 without AVX-512) against 3 or 4 weight rows, and
+    narrower tiles at the ends of N: each row is still bitwise the one-row product, on 1 and 3
+    threads."""
+    generator = torch.Generator().manual_seed(rows)
+    for K, N in ((576, 26), (37, 13), (64, 7)):  # N: a tail of 2 or 1 after blocks of 4 or 3
+        x, w = torch.randn(rows, K, generator=generator), torch.randn(N, K, generator=generator)
+        alone = torch.cat([few_rows_linear(x[i : i + 1], w) for i in range(rows)])
+        assert torch.equal(few_rows_linear(x, w), alone), (K, N)
+        before = torch.get_num_threads()
+        try:
+            torch.set_num_threads(3)
+            assert torch.equal(few_rows_linear(x, w), alone), (K, N, "3 threads")
+        finally:
+            torch.set_num_threads(before)
+
+
+def test_the_folded_sums_are_bitwise_one_sum_at_a_time(kernel, monkeypatch, tmp_path):
+    """A tile's horizontal sums are folded together by shuffles; built with
+    -DSPECFRAME_SERIAL_SUMS, the kernel sums each accumulator alone (the order every sum had
+    before). Both builds give bitwise the same products, so the folding changed no result."""
+    monkeypatch.setattr(build, "_kernel_dir", lambda: tmp_path)
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    serial = load_library(build_library(compiler, (*build.CFLAGS, "-DSPECFRAME_SERIAL_SUMS"), kernels.C_SOURCE))
+    generator = torch.Generator().manual_seed(0)
+    for rows in range(1, 17):
+        for K, N in ((576, 26), (37, 13)):
+            x, w = torch.randn(rows, K, generator=generator), torch.randn(N, K, generator=generator)
+            folded, one_at_a_time = torch.empty(rows, N), torch.empty(rows, N)
+            for lib, y in ((kernel, folded), (serial, one_at_a_time)):
+                lib.specframe_few_rows_linear(x.data_ptr(), w.data_ptr(), y.data_ptr(), rows, K, N, 1)
+            assert torch.equal(folded, one_at_a_time), (rows, K, N)
+
+
 def test_a_wrong_kernel_is_refused(kernel, monkeypatch, tmp_path):
     monkeypatch.setattr(build, "_kernel_dir", lambda: tmp_path)
     broken = kernels.C_SOURCE.replace("for (int kk = k; kk < K; kk++) s +=", "for (int kk = k; kk < K; kk++) s -=")

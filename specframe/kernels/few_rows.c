@@ -19,15 +19,22 @@
 
 #if defined(__AVX512F__)
 #define VL 16
-#define TB 4
+#define TB 8 /* input rows in a tile at most: 8 x 3 accumulators, 3 weights and an input in 32 registers */
 #else
 #define VL 8
-#define TB 2
+#define TB 2 /* 16 registers: 2 x 4 accumulators, 4 weights, an input */
 #endif
-#define NB 4
-#define PF 6 /* prefetch the weight block this many tiles ahead, into L2 (docs/benchmarks.md) */
+#define NB 4 /* weight rows in a tile at most (fewer for tiles of many rows: `block_rows`) */
+#define PF_ROWS 24 /* prefetch the weight this many rows ahead, into L2 (docs/benchmarks.md) */
 typedef float vec __attribute__((vector_size(VL * 4)));
 typedef float half __attribute__((vector_size(VL * 2)));
+typedef int ivec __attribute__((vector_size(VL * 4)));
+
+#if defined(__x86_64__) || defined(__i386__)
+#define IN_REGISTER(v) __asm__("" : "+v"(v)) /* keep v in a vector register from here on */
+#else
+#define IN_REGISTER(v) ((void)0)
+#endif
 
 static inline vec loadu(const float *p) { vec v; __builtin_memcpy(&v, p, sizeof v); return v; }
 
@@ -40,68 +47,144 @@ static inline float hsum(vec v) { /* a tree of adds, not a chain of VL dependent
     return r[0];
 }
 
+/* ---- many horizontal sums at once --------------------------------------------------------- */
+/* hsums(acc, m, out): out[i] = hsum(acc[i]) for i < m, bitwise: the same adds of the same lanes,
+ * with each level of hsum's tree done for two accumulators by one vector add after two shuffles
+ * (a tile's sums cost about a third of m separate hsums). Without __builtin_shufflevector
+ * (GCC < 12), or built with -DSPECFRAME_SERIAL_SUMS (the tests' reference), m separate hsums. */
+#if (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)) && !defined(SPECFRAME_SERIAL_SUMS)
+#define SHUFFLE2(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#if VL == 16
+/* level l: lanes i and i + 2^(4-l) of each accumulator (16 lanes of a, then b, at each step) */
+#define FOLD1_LO 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define FOLD1_HI 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define FOLD2_LO 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27
+#define FOLD2_HI 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31
+#define FOLD3_LO 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29
+#define FOLD3_HI 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31
+#define FOLD4_LO 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30
+#define FOLD4_HI 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31
+#else
+#define FOLD1_LO 0, 1, 2, 3, 8, 9, 10, 11
+#define FOLD1_HI 4, 5, 6, 7, 12, 13, 14, 15
+#define FOLD2_LO 0, 1, 4, 5, 8, 9, 12, 13
+#define FOLD2_HI 2, 3, 6, 7, 10, 11, 14, 15
+#define FOLD3_LO 0, 2, 4, 6, 8, 10, 12, 14
+#define FOLD3_HI 1, 3, 5, 7, 9, 11, 13, 15
+#endif
+
+static inline __attribute__((always_inline)) vec fold1(vec a, vec b) { return SHUFFLE2(a, b, FOLD1_LO) + SHUFFLE2(a, b, FOLD1_HI); }
+static inline __attribute__((always_inline)) vec fold2(vec a, vec b) { return SHUFFLE2(a, b, FOLD2_LO) + SHUFFLE2(a, b, FOLD2_HI); }
+static inline __attribute__((always_inline)) vec fold3(vec a, vec b) { return SHUFFLE2(a, b, FOLD3_LO) + SHUFFLE2(a, b, FOLD3_HI); }
+#if VL == 16
+static inline __attribute__((always_inline)) vec fold4(vec a, vec b) { return SHUFFLE2(a, b, FOLD4_LO) + SHUFFLE2(a, b, FOLD4_HI); }
+#endif
+
+/* up to VL accumulators (m a constant once inlined; the missing ones are zeros, which the
+ * compiler folds away): accumulator i's sum ends in lane i */
+static inline __attribute__((always_inline)) vec hsums_group(const vec *acc, const int m) {
+#define ACC(i) ((i) < m ? acc[(i) < m ? (i) : 0] : (vec){0})
+    vec a0 = fold1(ACC(0), ACC(1)), a1 = fold1(ACC(2), ACC(3)), a2 = fold1(ACC(4), ACC(5)), a3 = fold1(ACC(6), ACC(7));
+#if VL == 16
+    vec a4 = fold1(ACC(8), ACC(9)), a5 = fold1(ACC(10), ACC(11)), a6 = fold1(ACC(12), ACC(13));
+    vec a7 = fold1(ACC(14), ACC(15));
+    return fold4(fold3(fold2(a0, a1), fold2(a2, a3)), fold3(fold2(a4, a5), fold2(a6, a7)));
+#else
+    return fold3(fold2(a0, a1), fold2(a2, a3));
+#endif
+#undef ACC
+}
+
+#else
+static inline vec hsums_group(const vec *acc, const int m) {
+    float r[VL] = {0};
+    for (int i = 0; i < m; i++) r[i] = hsum(acc[i]);
+    return loadu(r);
+}
+#endif
+
+static inline __attribute__((always_inline)) void hsums(const vec *acc, const int m, float *out) {
+    for (int i = 0; i < m; i += VL) {
+        vec s = hsums_group(acc + i, m - i < VL ? m - i : VL);
+        __builtin_memcpy(out + i, &s, sizeof(float) * (m - i < VL ? m - i : VL));
+    }
+}
+
 /* ---- linear ------------------------------------------------------------------------------ */
 
-/* tb (<= TB) input rows against NB weight rows; TB and VL follow the registers of the target ISA. */
+/* tb input rows against nb weight rows, both constants once inlined; every output element is
+ * summed in the same order (VL-lane partial sums over k, hsum, then the tail), so which tile an
+ * element falls in changes nothing. pf: a weight block to prefetch alongside, or NULL. */
 static inline __attribute__((always_inline)) void tile(const float *x, const float *w, float *y,
-                                                         const int tb, int K, int N, const float *pf) {
-    vec acc[TB][NB];
-    for (int i = 0; i < tb; i++) for (int j = 0; j < NB; j++) acc[i][j] = (vec){0};
+                                                         const int tb, const int nb, int K, int N, const float *pf) {
+    vec acc[TB * NB];
+    for (int m = 0; m < tb * nb; m++) acc[m] = (vec){0};
     int k = 0;
     for (; k + VL <= K; k += VL) {
-        if (pf) for (int line = 0; line < NB * VL; line += 16) __builtin_prefetch(pf + NB * (size_t)k + line, 0, 2);
-        vec w0 = loadu(w + k), w1 = loadu(w + K + k), w2 = loadu(w + 2 * (size_t)K + k), w3 = loadu(w + 3 * (size_t)K + k);
+        if (pf) for (int line = 0; line < nb * VL; line += 16) __builtin_prefetch(pf + nb * (size_t)k + line, 0, 2);
+        vec wv[NB];
+        for (int j = 0; j < nb; j++) wv[j] = loadu(w + (size_t)j * K + k);
         for (int i = 0; i < tb; i++) {
             vec xv = loadu(x + (size_t)i * K + k);
-            acc[i][0] += xv * w0; acc[i][1] += xv * w1; acc[i][2] += xv * w2; acc[i][3] += xv * w3;
+            IN_REGISTER(xv); /* one load: GCC would fold it into each of the nb FMAs */
+            for (int j = 0; j < nb; j++) acc[i * nb + j] += xv * wv[j];
         }
     }
+    float sums[TB * NB];
+    hsums(acc, tb * nb, sums);
     for (int i = 0; i < tb; i++)
-        for (int j = 0; j < NB; j++) {
-            float s = hsum(acc[i][j]);
+        for (int j = 0; j < nb; j++) {
+            float s = sums[i * nb + j];
             for (int kk = k; kk < K; kk++) s += x[(size_t)i * K + kk] * w[(size_t)j * K + kk];
             y[(size_t)i * N + j] = s;
         }
 }
 
-static void tiles(const float *x, const float *w, float *y, int T, int K, int N, const float *pf) {
-    int t = 0;
-    for (; t + TB <= T; t += TB, pf = NULL) tile(x + (size_t)t * K, w, y + (size_t)t * N, TB, K, N, pf);
-    switch (T - t) { /* constant tb, so the accumulators stay in registers */
-#if TB > 3
-        case 3: tile(x + (size_t)t * K, w, y + (size_t)t * N, 3, K, N, pf); break;
-        case 2: tile(x + (size_t)t * K, w, y + (size_t)t * N, 2, K, N, pf); break;
+/* Tiles of up to TB rows, as even as can be: T = 12 is two tiles of 6, T = 16 two of 8. */
+static int row_tiles(int T) { return (T + TB - 1) / TB; }
+static int tile_rows(int T) { return (T + row_tiles(T) - 1) / row_tiles(T); } /* the largest tile's rows */
+
+/* Weight rows per tile against tiles of up to tb rows: tb * nb accumulators, nb weights and an
+ * input must fit in the registers (32 with AVX-512, 16 with AVX2). */
+static int block_rows(int tb) { return TB == 8 && tb > 6 ? 3 : NB; }
+
+#define TILE(tb, nb) case (tb) * 8 + (nb): tile(x, w, y, tb, nb, K, N, pf); return;
+#define TILES(tb) TILE(tb, 1) TILE(tb, 2) TILE(tb, 3)
+
+/* one tile with tb and nb made constants, so the accumulators stay in registers; only the
+ * shapes block_rows allows are compiled */
+static void any_tile(const float *x, const float *w, float *y, int tb, int nb, int K, int N, const float *pf) {
+    switch (tb * 8 + nb) {
+        TILES(1) TILE(1, 4) TILES(2) TILE(2, 4)
+#if TB == 8
+        TILES(3) TILE(3, 4) TILES(4) TILE(4, 4) TILES(5) TILE(5, 4) TILES(6) TILE(6, 4) TILES(7) TILES(8)
 #endif
-        case 1: tile(x + (size_t)t * K, w, y + (size_t)t * N, 1, K, N, pf); break;
     }
 }
 
-static void last_rows(const float *x, const float *w, float *y, int T, int K, int N, int rows) {
-    for (int t = 0; t < T; t++)
-        for (int j = 0; j < rows; j++) { /* the same order of sums as tile() */
-            vec acc = (vec){0};
-            int k = 0;
-            for (; k + VL <= K; k += VL) acc += loadu(x + (size_t)t * K + k) * loadu(w + (size_t)j * K + k);
-            float s = hsum(acc);
-            for (; k < K; k++) s += x[(size_t)t * K + k] * w[(size_t)j * K + k];
-            y[(size_t)t * N + j] = s;
-        }
+/* all T rows against nb weight rows (nb <= block_rows(tile_rows(T))) */
+static void block(const float *x, const float *w, float *y, int T, int K, int N, int nb, const float *pf) {
+    for (int t = 0, done = 0, tiles = row_tiles(T); t < tiles; t++, pf = NULL) {
+        int tb = (T - done + (tiles - t) - 1) / (tiles - t);
+        any_tile(x + (size_t)done * K, w, y + (size_t)done * N, tb, nb, K, N, pf);
+        done += tb;
+    }
 }
 
-/* Output columns [n0, n1) of y; n0 a multiple of NB, n1 too unless it is N. Any split of [0, N)
- * at multiples of NB computes every element as the whole call does. */
+/* Output columns [n0, n1) of y. Every element is computed as the whole call computes it, so any
+ * split of [0, N) gives the same result. */
 static void linear_columns(const float *x, const float *w, float *y, int T, int K, int N, int n0, int n1) {
-    int n = n0;
-    for (; n + NB <= n1; n += NB) {
-        const float *ahead = n + (PF + 1) * NB <= n1 ? w + (size_t)(n + PF * NB) * K : NULL;
-        tiles(x, w + (size_t)n * K, y + n, T, K, N, ahead);
+    int nb = block_rows(tile_rows(T)), n = n0;
+    for (; n + nb <= n1; n += nb) {
+        const float *ahead = n + nb + PF_ROWS <= n1 ? w + (size_t)(n + PF_ROWS) * K : NULL;
+        block(x, w + (size_t)n * K, y + n, T, K, N, nb, ahead);
     }
-    if (n < n1) last_rows(x, w + (size_t)n * K, y + n, T, K, N, n1 - n);
+    if (n < n1) block(x, w + (size_t)n * K, y + n, T, K, N, n1 - n, NULL);
 }
 
 /* ---- threads ---------------------------------------------------------------------------- */
 /* A pool of worker threads that sleep between calls. A call splits its work into `threads`
- * shares: output columns at multiples of NB, heads, or (row, head) pairs. Each output element is
+ * shares: output columns (in blocks of SHARE_COLUMNS), heads, or (row, head) pairs. Each output element is
  * computed by the same code whatever the share it falls in, so results are bitwise the same
  * for every thread count. Inside a call the threads meet at spinning barriers (a decoder layer
  * has five), so a thread the scheduler parks holds up the others: callers choose the count. */
@@ -190,11 +273,12 @@ static void share(int units, int id, int n, int *lo, int *hi) {
     *hi = (int)((long)units * (id + 1) / n);
 }
 
-/* thread id's share of the output columns [0, N): whole blocks of NB, the tail with the last */
+/* thread id's share of the output columns [0, N): whole blocks of SHARE_COLUMNS, the tail with the last */
+#define SHARE_COLUMNS 12 /* a multiple of every tile's weight rows (3, 4), so no share ends in a narrow tile */
 static void column_share(int N, int id, int n, int *n0, int *n1) {
-    share((N + NB - 1) / NB, id, n, n0, n1);
-    *n0 *= NB;
-    *n1 = *n1 * NB < N ? *n1 * NB : N;
+    share((N + SHARE_COLUMNS - 1) / SHARE_COLUMNS, id, n, n0, n1);
+    *n0 *= SHARE_COLUMNS;
+    *n1 = *n1 * SHARE_COLUMNS < N ? *n1 * SHARE_COLUMNS : N;
 }
 
 typedef struct { const float *x, *w; float *y; int T, K, N; } linear_job;
@@ -251,8 +335,6 @@ static void rope(float *x, const float *cos, const float *sin, int heads, int D)
     }
 }
 
-typedef int ivec __attribute__((vector_size(VL * 4)));
-
 static inline vec splat(float f) { return (vec){0} + f; }
 
 /* e^x in each lane, within about 2 ulp of expf; 0 below -87.3 (and for -inf), and x above 88
@@ -298,30 +380,55 @@ static float softmax_weights(float *row, int n, float top) {
 /* Attention of `heads` query heads (rows of q, D apart) that share one key/value head, for one
  * row: over the keys at positions 0..n_keys-1, or at order[0..n_keys-1] (a token tree's row:
  * the cached positions, its ancestors and itself, in order, as a chain pass over its path sees
- * them). Each key and value is loaded once for all heads. scores: heads * n_keys floats. Every
+ * them). Each value is loaded once for all heads. scores: heads * n_keys floats. Every
  * (head, key) score and every output is computed by the same code whatever `heads` is. */
 #define HEAD_CHUNK 4
+
+/* scores of n <= VL keys from `first` for one query head (qv: DV vectors): a vector of n lanes
+ * (the rest 0), each dot product summed in the same order as `dot` */
+static inline __attribute__((always_inline)) vec key_scores(const vec *qv, const float *keys, const int *order,
+                                                             int first, const int n, int D, const int DV) {
+    vec dots[VL];
+    for (int i = 0; i < VL; i++) {
+        vec dot = (vec){0};
+        if (i < n) {
+            const float *k = keys + (size_t)(order ? order[first + i] : first + i) * D;
+            for (int c = 0; c < DV; c++) dot += qv[c] * loadu(k + c * VL);
+        }
+        dots[i] = dot;
+    }
+    return hsums_group(dots, VL);
+}
 
 static inline __attribute__((always_inline)) void attend_chunk(
         const float *q, const float *keys, const float *values, const int *order, int n_keys, int D, int heads,
         float scale, float *scores, float *out, const int DV, const int HC) {
-    vec qv[HC][DV], acc[HC][DV];
-    for (int h = 0; h < heads; h++) for (int c = 0; c < DV; c++) qv[h][c] = loadu(q + (size_t)h * D + c * VL);
-    for (int i = 0; i < n_keys; i++) {
-        const float *k = keys + (size_t)(order ? order[i] : i) * D;
-        vec kv[DV];
-        for (int c = 0; c < DV; c++) kv[c] = loadu(k + c * VL);
-        for (int h = 0; h < heads; h++) {
-            vec dot = (vec){0};
-            for (int c = 0; c < DV; c++) dot += qv[h][c] * kv[c];
-            scores[(size_t)h * n_keys + i] = hsum(dot) * scale;
+    vec acc[HC][DV];
+    float tops[HC];
+    for (int h = 0; h < heads; h++) { /* VL keys at a time, their sums folded together */
+        vec qv[DV], top = splat(-INFINITY);
+        for (int c = 0; c < DV; c++) qv[c] = loadu(q + (size_t)h * D + c * VL);
+        float *row = scores + (size_t)h * n_keys;
+        int i = 0;
+        for (; i + VL <= n_keys; i += VL) {
+            vec s = key_scores(qv, keys, order, i, VL, D, DV) * splat(scale);
+            __builtin_memcpy(row + i, &s, sizeof s);
+            ivec above = s > top; /* lanes where s is larger (NaN never is) */
+            top = (vec)(((ivec)s & above) | ((ivec)top & ~above));
         }
+        float t = -INFINITY, lanes[VL];
+        __builtin_memcpy(lanes, &top, sizeof lanes);
+        for (int l = 0; l < VL; l++) t = lanes[l] > t ? lanes[l] : t;
+        if (i < n_keys) {
+            vec s = key_scores(qv, keys, order, i, n_keys - i, D, DV) * splat(scale);
+            __builtin_memcpy(lanes, &s, sizeof lanes);
+            for (int l = 0; i + l < n_keys; l++) { row[i + l] = lanes[l]; t = lanes[l] > t ? lanes[l] : t; }
+        }
+        tops[h] = t;
     }
     float inverse[HC];
     for (int h = 0; h < heads; h++) {
-        float *row = scores + (size_t)h * n_keys, top = -INFINITY;
-        for (int i = 0; i < n_keys; i++) top = row[i] > top ? row[i] : top;
-        inverse[h] = 1.0f / softmax_weights(row, n_keys, top);
+        inverse[h] = 1.0f / softmax_weights(scores + (size_t)h * n_keys, n_keys, tops[h]);
         for (int c = 0; c < DV; c++) acc[h][c] = (vec){0};
     }
     for (int i = 0; i < n_keys; i++) {
@@ -492,7 +599,7 @@ int specframe_layers(const specframe_dims *d, const specframe_layer *layers, int
     int C = d->C, H = d->H, Hkv = d->Hkv, D = d->D, I = d->I, S = start + T;
     if (D > 1024) return -2;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads < 1 || D % NB) threads = 1; /* head shares must be whole blocks of NB columns */
+    if (threads < 1) threads = 1;
     layers_job j = {.d = d, .layers = layers, .n_layers = n_layers, .T = T, .start = start, .x = x, .cos = cos,
                     .sin = sin, .h_stride = padded((size_t)T * C), .scores_stride = padded((size_t)HEAD_CHUNK * S)};
     size_t sizes[10] = {(size_t)T * H * D, (size_t)T * Hkv * D, (size_t)T * Hkv * D, (size_t)T * H * D,
