@@ -403,10 +403,10 @@ static inline __attribute__((always_inline)) vec key_scores(const vec *qv, const
 static inline __attribute__((always_inline)) void attend_chunk(
         const float *q, const float *keys, const float *values, const int *order, int n_keys, int D, int heads,
         float scale, float *scores, float *out, const int DV, const int HC) {
-    vec acc[HC][DV];
-    float tops[HC];
+    vec acc[HEAD_CHUNK][8]; /* fixed sizes (DV <= 8): arrays sized by DV or HC would live on the stack */
+    float tops[HEAD_CHUNK];
     for (int h = 0; h < heads; h++) { /* VL keys at a time, their sums folded together */
-        vec qv[DV], top = splat(-INFINITY);
+        vec qv[8], top = splat(-INFINITY);
         for (int c = 0; c < DV; c++) qv[c] = loadu(q + (size_t)h * D + c * VL);
         float *row = scores + (size_t)h * n_keys;
         int i = 0;
@@ -426,14 +426,14 @@ static inline __attribute__((always_inline)) void attend_chunk(
         }
         tops[h] = t;
     }
-    float inverse[HC];
+    float inverse[HEAD_CHUNK];
     for (int h = 0; h < heads; h++) {
         inverse[h] = 1.0f / softmax_weights(scores + (size_t)h * n_keys, n_keys, tops[h]);
         for (int c = 0; c < DV; c++) acc[h][c] = (vec){0};
     }
     for (int i = 0; i < n_keys; i++) {
         const float *v = values + (size_t)(order ? order[i] : i) * D;
-        vec vv[DV];
+        vec vv[8];
         for (int c = 0; c < DV; c++) vv[c] = loadu(v + c * VL);
         for (int h = 0; h < heads; h++) {
             float p = scores[(size_t)h * n_keys + i];
@@ -466,6 +466,15 @@ static void attend_any(const float *q, const float *keys, const float *values, c
     }
 }
 
+/* hc (<= HEAD_CHUNK, <= 2 for DV = 8) heads made a constant, so their accumulators stay in registers */
+#define ATTEND_HEADS(DV)                                                                                    \
+    switch (hc) {                                                                                           \
+        case 1: attend_chunk(qh, keys, values, order, n_keys, D, 1, scale, scores, oh, DV, 1); break;       \
+        case 2: attend_chunk(qh, keys, values, order, n_keys, D, 2, scale, scores, oh, DV, 2); break;       \
+        case 3: attend_chunk(qh, keys, values, order, n_keys, D, 3, scale, scores, oh, DV, 3); break;       \
+        default: attend_chunk(qh, keys, values, order, n_keys, D, 4, scale, scores, oh, DV, HEAD_CHUNK);   \
+    }
+
 static void attend(const float *q, const float *keys, const float *values, const int *order, int n_keys, int D,
                    int heads, float scale, float *scores, float *out) {
     int chunk = D == 8 * VL ? HEAD_CHUNK / 2 : HEAD_CHUNK; /* the accumulators fit in registers */
@@ -473,10 +482,10 @@ static void attend(const float *q, const float *keys, const float *values, const
         int hc = heads - h0 < chunk ? heads - h0 : chunk;
         const float *qh = q + (size_t)h0 * D;
         float *oh = out + (size_t)h0 * D;
-        if (D == 4 * VL) attend_chunk(qh, keys, values, order, n_keys, D, hc, scale, scores, oh, 4, HEAD_CHUNK);
-        else if (D == VL) attend_chunk(qh, keys, values, order, n_keys, D, hc, scale, scores, oh, 1, HEAD_CHUNK);
-        else if (D == 2 * VL) attend_chunk(qh, keys, values, order, n_keys, D, hc, scale, scores, oh, 2, HEAD_CHUNK);
-        else if (D == 8 * VL) attend_chunk(qh, keys, values, order, n_keys, D, hc, scale, scores, oh, 8, HEAD_CHUNK / 2);
+        if (D == 4 * VL) ATTEND_HEADS(4)
+        else if (D == VL) ATTEND_HEADS(1)
+        else if (D == 2 * VL) ATTEND_HEADS(2)
+        else if (D == 8 * VL) ATTEND_HEADS(8)
         else attend_any(qh, keys, values, order, n_keys, D, hc, scale, scores, oh);
     }
 }
