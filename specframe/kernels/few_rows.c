@@ -172,11 +172,15 @@ static void block(const float *x, const float *w, float *y, int T, int K, int N,
 }
 
 /* Output columns [n0, n1) of y. Every element is computed as the whole call computes it, so any
- * split of [0, N) gives the same result. */
-static void linear_columns(const float *x, const float *w, float *y, int T, int K, int N, int n0, int n1) {
+ * split of [0, N) gives the same result. then: the weights the caller reads next (or NULL),
+ * prefetched while the last PF_ROWS rows of these run, so the next stream starts warm. */
+static void linear_columns(const float *x, const float *w, float *y, int T, int K, int N, int n0, int n1,
+                           const float *then) {
     int nb = block_rows(tile_rows(T)), n = n0;
     for (; n + nb <= n1; n += nb) {
-        const float *ahead = n + nb + PF_ROWS <= n1 ? w + (size_t)(n + PF_ROWS) * K : NULL;
+        int beyond = n + PF_ROWS - n1; /* the block to prefetch, from n1 on: in `then` once past n1 */
+        const float *ahead = beyond + nb <= 0 ? w + (size_t)(n + PF_ROWS) * K
+                             : then ? then + (size_t)(beyond > 0 ? beyond : 0) * K : NULL;
         block(x, w + (size_t)n * K, y + n, T, K, N, nb, ahead);
     }
     if (n < n1) block(x, w + (size_t)n * K, y + n, T, K, N, n1 - n, NULL);
@@ -287,7 +291,7 @@ static void linear_task(void *data, int id, int n) {
     linear_job *j = data;
     int n0, n1;
     column_share(j->N, id, n, &n0, &n1);
-    linear_columns(j->x, j->w, j->y, j->T, j->K, j->N, n0, n1);
+    linear_columns(j->x, j->w, j->y, j->T, j->K, j->N, n0, n1, NULL);
 }
 
 int specframe_few_rows_linear(const float *x, const float *w, float *y, int T, int K, int N, int threads) {
@@ -518,17 +522,41 @@ static void to_cache(const layers_job *j, const specframe_layer *l, const float 
                    sizeof(float) * D);
 }
 
+/* A layer's weights in the order a thread reads them */
+enum weight { W_Q, W_K, W_V, W_O, W_GATE, W_UP, W_DOWN };
+
+/* where thread id's share of weight `part` of layer l begins */
+static const float *share_begins(const layers_job *j, const specframe_layer *l, int part, int id, int n) {
+    const specframe_dims *d = j->d;
+    int lo, hi;
+    switch (part) {
+        case W_Q: share(d->H, id, n, &lo, &hi); return l->q + (size_t)lo * d->D * d->C;
+        case W_K: share(d->Hkv, id, n, &lo, &hi); return l->k + (size_t)lo * d->D * d->C;
+        case W_V: share(d->Hkv, id, n, &lo, &hi); return l->v + (size_t)lo * d->D * d->C;
+        case W_O: column_share(d->C, id, n, &lo, &hi); return l->o + (size_t)lo * d->H * d->D;
+        case W_GATE: column_share(d->I, id, n, &lo, &hi); return l->gate + (size_t)lo * d->C;
+        case W_UP: column_share(d->I, id, n, &lo, &hi); return l->up + (size_t)lo * d->C;
+        default: column_share(d->C, id, n, &lo, &hi); return l->down + (size_t)lo * d->I;
+    }
+}
+
+/* the weights thread id reads after `part` of layer l: the next part, or the next layer's q */
+static const float *after(const layers_job *j, const specframe_layer *l, int part, int id, int n) {
+    if (part != W_DOWN) return share_begins(j, l, part + 1, id, n);
+    return l + 1 < j->layers + j->n_layers ? share_begins(j, l + 1, W_Q, id, n) : NULL;
+}
+
 static void projections(layers_job *j, const specframe_layer *l, const float *h, int id, int n) {
     const specframe_dims *d = j->d;
     int C = d->C, H = d->H, Hkv = d->Hkv, D = d->D, T = j->T, lo, hi;
     share(H, id, n, &lo, &hi);
-    linear_columns(h, l->q, j->q, T, C, H * D, lo * D, hi * D);
+    linear_columns(h, l->q, j->q, T, C, H * D, lo * D, hi * D, after(j, l, W_Q, id, n));
     rope_heads(j, j->q, H, lo, hi);
     share(Hkv, id, n, &lo, &hi);
-    linear_columns(h, l->k, j->k, T, C, Hkv * D, lo * D, hi * D);
+    linear_columns(h, l->k, j->k, T, C, Hkv * D, lo * D, hi * D, after(j, l, W_K, id, n));
     rope_heads(j, j->k, Hkv, lo, hi);
     to_cache(j, l, j->k, l->keys, lo, hi);
-    linear_columns(h, l->v, j->v, T, C, Hkv * D, lo * D, hi * D);
+    linear_columns(h, l->v, j->v, T, C, Hkv * D, lo * D, hi * D, after(j, l, W_V, id, n));
     to_cache(j, l, j->v, l->values, lo, hi);
 }
 
@@ -546,10 +574,10 @@ static void attention(layers_job *j, const specframe_layer *l, int id, int n) {
 }
 
 /* x[:, n0:n1] += in[:, n0:n1] @ w[n0:n1]^T: a residual branch's output columns */
-static void add_columns(layers_job *j, const float *in, const float *w, int K, int id, int n) {
+static void add_columns(layers_job *j, const float *in, const float *w, int K, const float *then, int id, int n) {
     int C = j->d->C, n0, n1;
     column_share(C, id, n, &n0, &n1);
-    linear_columns(in, w, j->y, j->T, K, C, n0, n1);
+    linear_columns(in, w, j->y, j->T, K, C, n0, n1, then);
     for (int t = 0; t < j->T; t++)
         for (int c = n0; c < n1; c++) j->x[(size_t)t * C + c] = j->x[(size_t)t * C + c] + j->y[(size_t)t * C + c];
 }
@@ -569,8 +597,8 @@ static void silu_times(float *g, const float *u, int n) {
 static void gate_up(layers_job *j, const specframe_layer *l, const float *h, int id, int n) {
     int C = j->d->C, I = j->d->I, T = j->T, n0, n1;
     column_share(I, id, n, &n0, &n1);
-    linear_columns(h, l->gate, j->g, T, C, I, n0, n1);
-    linear_columns(h, l->up, j->u, T, C, I, n0, n1);
+    linear_columns(h, l->gate, j->g, T, C, I, n0, n1, after(j, l, W_GATE, id, n));
+    linear_columns(h, l->up, j->u, T, C, I, n0, n1, after(j, l, W_UP, id, n));
     for (int t = 0; t < T; t++) silu_times(j->g + (size_t)t * I + n0, j->u + (size_t)t * I + n0, n1 - n0);
 }
 
@@ -585,12 +613,12 @@ static void layers_task(void *data, int id, int n) {
         meet(&j->meeting, n);
         attention(j, l, id, n);
         meet(&j->meeting, n);
-        add_columns(j, j->a, l->o, d->H * d->D, id, n);
+        add_columns(j, j->a, l->o, d->H * d->D, after(j, l, W_O, id, n), id, n);
         meet(&j->meeting, n);
         rms_norm(j->x, l->post_norm, h, j->T, d->C, d->eps);
         gate_up(j, l, h, id, n);
         meet(&j->meeting, n);
-        add_columns(j, j->g, l->down, d->I, id, n);
+        add_columns(j, j->g, l->down, d->I, after(j, l, W_DOWN, id, n), id, n);
         meet(&j->meeting, n);
     }
 }
