@@ -4,10 +4,11 @@ A one-token pass of a small model streams every weight from memory once (memory-
 verification pass over t tokens should cost barely more, but PyTorch's fp32 matmul on CPU (MKL)
 runs a few rows nearly as slowly as t separate passes: on the default model, the linear layers
 of a pass over 4 tokens cost about 1.7 and over 8 tokens about 2.3 one-token passes
-(docs/benchmarks.md, "Few-row kernels"). The kernel in few_rows.c multiplies up to 4 input rows
-by 4 weight rows at a time, so each weight row is loaded once for all rows, and prefetches the
-weight block six tiles ahead into L2 so the loads overlap the arithmetic. It reads the weight where it is
-(PyTorch's (N, K) layout): no second copy.
+(docs/benchmarks.md, "Few-row kernels"). The kernel in few_rows.c multiplies tiles of up to 8
+input rows by 3 or 4 weight rows (2 by 4 without AVX-512), so each weight row is loaded once for
+all rows of a pass over up to 8 tokens, folds each tile's horizontal sums together, and prefetches
+the weight 24 rows ahead into L2 so the loads overlap the arithmetic. It reads the weight where it
+is (PyTorch's (N, K) layout): no second copy.
 
 Without the compiled library (`build.library()` None), passes keep PyTorch's kernels, except
 that the LM head of a pass over 2-16 tokens runs through oneDNN on a packed copy of its weight
