@@ -80,10 +80,5 @@ def head_tree_logits(head, hidden: torch.Tensor, parents: tuple[int, ...], start
     rows = slice(K + 1 - T, K + 1)  # the new nodes in the scored sequence [root, node 0, ...]
     mask = tree_attention_mask(parents, start, hidden.device)[:, :, rows, : start + K + 1]  # (1, 1, T, S)
     positions = tree_positions(parents, start, hidden.device)[:, rows]  # (1, T)
-    x = hidden[None]  # (1, T, C)
-    rope = head.rotary(x, position_ids=positions)
-    for layer in head.layers:
-        x = layer(x, attention_mask=mask, position_ids=positions, position_embeddings=rope, cache=head.cache,
-                  use_cache=True)
-    head.length += T
-    return head.to_full_vocab(head.project(x[0], extra=True)).float()
+    x = head.run_cached(hidden, mask, positions)  # (T, C)
+    return head.to_full_vocab(head.project(x, extra=True)).float()

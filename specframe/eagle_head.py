@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .heads import EarlyExitHead
+from .heads import EarlyExitHead, drafting_linear
 
 
 class EagleHead(EarlyExitHead):
@@ -68,7 +68,8 @@ class EagleHead(EarlyExitHead):
         the target's own, so these positions need no recomputation once verified."""
         if exact and self.exact_length == self.length:
             self.exact_length += hidden.shape[0]
-        features = self.norm(self.run_cached(self.fuse(torch.cat([hidden, previous], -1))))
+        fused = drafting_linear(torch.cat([hidden, previous], -1), self.fuse.weight)  # (T, C), as self.fuse
+        features = self.norm(self.run_cached(fused))
         return self.score(features, extra=True), features
 
     def rollback(self, length: int) -> None:
