@@ -133,6 +133,8 @@ class EarlyExitHead(nn.Module):
         self.metadata = dict(metadata or {})
         self.fingerprint = model_fingerprint(model)
         self.requires_grad_(True)
+        self._layer_parameters = list(self.layers.parameters())
+        self._compiled, self._compiled_key = None, None  # compiled_layers()
         self.reset_cache()
         self.reset_context_vocab()
 
@@ -268,11 +270,17 @@ class EarlyExitHead(nn.Module):
 
     def compiled_layers(self) -> CompiledLayers | None:
         """The compiled path of the head's layers, or None where it does not apply; made again
-        when their weights were replaced (`.to(dtype)`, loading)."""
-        key = tuple((p.data_ptr(), p.dtype, p.device) for p in self.layers.parameters())
-        if getattr(self, "_compiled_key", None) != key:
+        when their weights were moved (`.to(dtype)` keeps the parameters, not their storage)."""
+        key = tuple(p.data_ptr() for p in self._layer_parameters)
+        if self._compiled_key != key:
             self._compiled, self._compiled_key = compiled_stack(self.layers), key
         return self._compiled
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the compiled path (ctypes handles); they make their own."""
+        state = super().__getstate__()
+        state["_compiled"], state["_compiled_key"] = None, None
+        return state
 
     def rollback(self, length: int) -> None:
         """Forget every cached position from `length` on."""

@@ -5,6 +5,8 @@ kinds, chains and trees, across rollbacks and catch-ups."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -155,3 +157,13 @@ def test_a_bf16_head_keeps_pytorchs_path(lib):
     with torch.inference_mode():
         logits = head.extend(torch.randn(3, 64, dtype=torch.bfloat16))
     assert logits.dtype == torch.bfloat16 and logits.shape == (3, model.config.vocab_size)
+
+
+def test_copies_and_moved_heads_make_their_own_compiled_path(lib, model):
+    head = _random_head(model, "eagle", True)
+    compiled = head.compiled_layers()
+    assert compiled is not None and head.compiled_layers() is compiled
+    copied = copy.deepcopy(head)  # ctypes handles cannot be copied: the copy makes its own
+    assert copied.compiled_layers() is not None and copied.compiled_layers() is not compiled
+    head.to(torch.bfloat16)  # the same parameters, new storage: not the old weights' path
+    assert head.compiled_layers() is None
