@@ -156,10 +156,11 @@ def test_the_head_file_records_the_kind_and_round_trips(tmp_path, tiny_model, ti
         torch.testing.assert_close(loaded(hidden, previous)[0], head(hidden, previous)[0], atol=2e-2, rtol=1e-2)
 
 
-def test_the_shipped_head_stays_an_early_exit_head_and_unknown_kinds_are_clear():
-    for path in SHIPPED_DIR.glob("*.safetensors"):
-        header, _ = read_head_file(path, tensors=False)
-        assert "kind" not in header and head_class(header.get("kind", "early_exit"), path) is EarlyExitHead
+def test_the_shipped_head_is_an_eagle_head_and_unknown_kinds_are_clear():
+    shipped = list(SHIPPED_DIR.glob("*.safetensors"))
+    assert len(shipped) == 1, "one shipped head per model: the drafter takes the first whose fingerprint matches"
+    header, _ = read_head_file(shipped[0], tensors=False)
+    assert head_class(header["kind"], shipped[0]) is EagleHead
     with pytest.raises(HeadFileError, match="kind 'medusa'.*upgrade specframe"):
         head_class("medusa", SHIPPED_DIR / "x.safetensors")
 
