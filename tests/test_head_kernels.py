@@ -111,10 +111,11 @@ def test_compiled_chains_draft_as_pytorchs(lib, model, disable_kernels, kind, re
 
 
 @pytest.mark.parametrize("tree", ["fixed", "dynamic"])
-def test_compiled_trees_draft_as_pytorchs(lib, model, disable_kernels, tree):
-    compiled = _rounds(model, "early_exit", True, 0.0, width=3, tree=tree)
+@pytest.mark.parametrize("kind", ["early_exit", "eagle"])
+def test_compiled_trees_draft_as_pytorchs(lib, model, disable_kernels, kind, tree):
+    compiled = _rounds(model, kind, True, 0.0, width=3, tree=tree)
     disable_kernels()
-    _assert_same_drafts(compiled, _rounds(model, "early_exit", True, 0.0, width=3, tree=tree))
+    _assert_same_drafts(compiled, _rounds(model, kind, True, 0.0, width=3, tree=tree))
 
 
 @pytest.mark.parametrize("kind", ["early_exit", "eagle"])
