@@ -70,9 +70,12 @@ def _children(logits: torch.Tensor, parent: int, value: float, width: int, sampl
     return [(value * float(p), int(t), parent, float(p)) for p, t in zip(top.values, top.indices) if float(p) > 0]
 
 
-def head_tree_logits(head, hidden: torch.Tensor, parents: tuple[int, ...], start: int) -> torch.Tensor:
-    """Run (T, C) layer-N states of a tree's last T nodes through an early-exit head's layers and
-    KV cache, each seeing the cache and its ancestors at position start + depth; -> (T, V) logits.
+def head_tree_logits(head, hidden: torch.Tensor, parents: tuple[int, ...], start: int,
+                     previous: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run (T, C) layer-N states of a tree's last T nodes through a head's layers and KV cache,
+    each seeing the cache and its ancestors at position start + depth; -> ((T, V) logits, (T, C)
+    features after the head's norm). An eagle head also reads `previous` (T, C): each node's
+    parent's feature (the head's own prediction inside a tree).
 
     The head's cache holds the committed tokens up to `start`, the root at `start` and the
     tree's earlier nodes in order, as the target's cache does during a tree pass."""
@@ -80,10 +83,7 @@ def head_tree_logits(head, hidden: torch.Tensor, parents: tuple[int, ...], start
     rows = slice(K + 1 - T, K + 1)  # the new nodes in the scored sequence [root, node 0, ...]
     mask = tree_attention_mask(parents, start, hidden.device)[:, :, rows, : start + K + 1]  # (1, 1, T, S)
     positions = tree_positions(parents, start, hidden.device)[:, rows]  # (1, T)
-    x = hidden[None]  # (1, T, C)
-    rope = head.rotary(x, position_ids=positions)
-    for layer in head.layers:
-        x = layer(x, attention_mask=mask, position_ids=positions, position_embeddings=rope, cache=head.cache,
-                  use_cache=True)
-    head.length += T
-    return head.to_full_vocab(head.project(x[0], extra=True)).float()
+    if previous is not None:  # an eagle head reads each node's state and its parent's feature
+        hidden = head.fused_input(hidden, previous)
+    features = head.norm(head.run_cached(hidden, mask, positions))  # (T, C)
+    return head.to_full_vocab(head.score(features, extra=True)).float(), features

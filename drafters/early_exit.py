@@ -15,6 +15,8 @@ An eagle head (`specframe.eagle_head`, chosen by the head file) also reads the t
 last-layer feature of the previous position: the split then keeps those of verified tokens
 (`SplitView.final_hidden`); the first draft of a round reads the true one, later drafts the
 head's own prediction, and positions drafted from a prediction are recomputed once verified.
+In a tree each node reads its parent's predicted feature (the root's: the true one); a tree pass
+keeps the features of the accepted path (`TargetModel.keep_path`).
 """
 
 from __future__ import annotations
@@ -75,9 +77,6 @@ class EarlyExitDrafter(Drafter):
             raise SpecframeError(f"{type(target.model).__name__} is not a Llama-style decoder, so the early_exit "
                                  "drafter cannot split it; use a drafter such as 'ngram' or 'draft_model'")
         self._load(target)
-        if self.reads_final and self.width > 1:
-            raise SpecframeError("an eagle head cannot draft trees yet (width > 1): a tree pass does not keep the "
-                                 "last-layer features it reads; use width=1 with this head, or a base head for trees")
         self.split = target.enable_split(self.model.exit_layer, final=self.reads_final)
 
     @property
@@ -123,8 +122,8 @@ class EarlyExitDrafter(Drafter):
             self.rollback(_agreement(self._head_ids, context[:committed]))
         self._catch_up(committed)  # tokens that verification lowered (bonus/correction)
         self._head_ids = list(context[:committed])
-        # the controller may plan the width (thompson_cost with max_width > 1); an eagle head drafts chains
-        width = 1 if self.reads_final else planned_width(controller, self.width, MAX_WIDTH)
+        # the controller may plan the width (thompson_cost with max_width > 1)
+        width = planned_width(controller, self.width, MAX_WIDTH)
         self._drafted_tree = width > 1
         if width > 1 and self.tree == "dynamic":
             return self._draft_dynamic(context, max_tokens, width, controller, sampler)
@@ -135,13 +134,18 @@ class EarlyExitDrafter(Drafter):
     def _draft_dynamic(self, context, max_tokens, width, controller, sampler) -> Draft:
         """A dynamic tree; the head's cache then keeps only the root (the accepted path is caught up
         from the target's split states after verification)."""
-        committed, parents = len(context) - 1, []
+        committed, parents, features = len(context) - 1, [], []  # features: eagle's f^ of each node
 
         @torch.inference_mode()
         def expand(tokens: torch.Tensor, new_parents: tuple[int, ...]) -> torch.Tensor:
             parents.extend(new_parents)
             hidden = self.split.lower_tree(tokens, new_parents)  # (T, C)
-            return head_tree_logits(self.model, hidden, tuple(parents), committed)  # (T, V)
+            previous = None
+            if self.reads_final:  # each node reads its parent's predicted feature (the root's: _step's)
+                previous = torch.cat([self._feature if p < 0 else features[p] for p in new_parents])  # (T, C)
+            logits, new_features = head_tree_logits(self.model, hidden, tuple(parents), committed, previous)
+            features.extend(new_features.split(1))
+            return logits  # (T, V)
 
         draft = draft_dynamic_tree(self._step, expand, context[-1], max_tokens, width, controller, sampler)
         self.rollback(committed + 1)

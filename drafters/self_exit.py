@@ -22,11 +22,15 @@ def draft_with(step, first_token: int, max_tokens: int, controller, sampler) -> 
     token = first_token
     while len(tokens) < max_tokens:
         logits = step(token)  # (V,)
-        q_i = sampler.probs(logits[None])[0]  # (V,)
-        token = sampler.sample(q_i)
-        confidence = float(torch.softmax(logits.float(), -1).max()) if sampler.greedy else float(q_i.max())
+        if sampler.greedy:  # q is one-hot and not kept: the argmax without building it (a third of the time)
+            token = int(logits.max(-1).indices)  # the first maximum, as argmax
+            confidence = float(torch.softmax(logits.float(), -1).max())
+        else:
+            q_i = sampler.probs(logits[None])[0]  # (V,)
+            token = sampler.sample(q_i)
+            confidence = float(q_i.max())
+            q_rows.append(q_i)
         tokens.append(token)
-        q_rows.append(q_i)
         confidences.append(confidence)
         if not controller.keep_drafting(len(tokens), confidence):
             break

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .heads import EarlyExitHead
+from .heads import EarlyExitHead, drafting_linear
 
 
 class EagleHead(EarlyExitHead):
@@ -68,8 +68,13 @@ class EagleHead(EarlyExitHead):
         the target's own, so these positions need no recomputation once verified."""
         if exact and self.exact_length == self.length:
             self.exact_length += hidden.shape[0]
-        features = self.norm(self.run_cached(self.fuse(torch.cat([hidden, previous], -1))))
+        features = self.norm(self.run_cached(self.fused_input(hidden, previous)))
         return self.score(features, extra=True), features
+
+    def fused_input(self, hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """(T, C) states and (T, C) previous features -> (T, C) layer input: `self.fuse`, through
+        the few-row kernel while drafting in CPU fp32."""
+        return drafting_linear(torch.cat([hidden, previous], -1), self.fuse.weight)
 
     def rollback(self, length: int) -> None:
         super().rollback(length)

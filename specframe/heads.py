@@ -7,7 +7,10 @@ reduced vocabulary (the most frequent tokens of the target's own outputs). With 
 vocabulary, q is still a distribution over the full vocabulary, zero outside the subset, so
 verification against the full-vocabulary p stays lossless.
 
-The head keeps its own KV cache, rolled back with the target's.
+The head keeps its own KV cache, rolled back with the target's. While drafting on CPU in fp32,
+its layers run through the target's compiled decoder layers (`specframe.kernels.layers`) and its
+LM head through the few-row linear kernel, as the target's own passes do; elsewhere (bf16, other
+decoder layers, SPECFRAME_FEW_ROW_KERNEL=0, training) through PyTorch.
 
 A saved head is one safetensors file whose metadata say which model it belongs to (a
 fingerprint: config summary, a hash of some weights and a small probe of weight values), N, the
@@ -28,6 +31,8 @@ import torch
 from torch import nn
 
 from .errors import ModelMismatchError, SpecframeError
+from .kernels import MAX_ROWS, build, few_rows_linear
+from .kernels.layers import CompiledLayers, compiled_stack, runs
 from .target import causal_mask
 
 FORMAT_VERSION = 1
@@ -128,6 +133,8 @@ class EarlyExitHead(nn.Module):
         self.metadata = dict(metadata or {})
         self.fingerprint = model_fingerprint(model)
         self.requires_grad_(True)
+        self._layer_parameters = list(self.layers.parameters())
+        self._compiled, self._compiled_key = None, None  # compiled_layers()
         self.reset_cache()
         self.reset_context_vocab()
 
@@ -164,9 +171,9 @@ class EarlyExitHead(nn.Module):
 
     def score(self, x: torch.Tensor, extra: bool = False) -> torch.Tensor:
         """(..., C) normed features -> (..., R) logits, or (..., R + E) with the context tokens."""
-        logits = torch.nn.functional.linear(x, self.lm_weight())
+        logits = drafting_linear(x, self.lm_weight())
         if extra and self._extra_weight is not None:
-            logits = torch.cat([logits, torch.nn.functional.linear(x, self._extra_weight)], -1)
+            logits = torch.cat([logits, drafting_linear(x, self._extra_weight)], -1)
         return logits
 
     # ---- context tokens: a reduced vocabulary grows with the tokens of the context ----------
@@ -240,18 +247,40 @@ class EarlyExitHead(nn.Module):
         x = self.run_cached(hidden)
         return self.project(x, extra=True) if logits else None
 
-    def run_cached(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(T, C) inputs at positions length.. through the head's layers and KV cache -> (T, C)."""
+    def run_cached(self, hidden: torch.Tensor, mask: torch.Tensor | None = None,
+                   positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(T, C) inputs after the `length` cached positions through the head's layers and KV
+        cache -> (T, C). Default: a chain at positions length..; a token tree gives its
+        (1, 1, T, length + T) bool `mask` and (1, T) `positions`."""
         T = hidden.shape[0]
-        position_ids = torch.arange(self.length, self.length + T, device=hidden.device)[None]
+        position_ids = torch.arange(self.length, self.length + T, device=hidden.device)[None] \
+            if positions is None else positions
         x = hidden[None]  # (1, T, C)
         rope = self.rotary(x, position_ids=position_ids)
-        mask = causal_mask(T, self.length, hidden.device)
-        for layer in self.layers:
-            x = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=rope,
-                      cache=self.cache, use_cache=True)
+        compiled = self.compiled_layers()
+        if runs(compiled, hidden):
+            x = compiled.run(hidden, 0, self.num_layers, self.length, self.cache, rope, mask)[None]
+        else:
+            mask = causal_mask(T, self.length, hidden.device) if mask is None else mask
+            for layer in self.layers:
+                x = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=rope,
+                          cache=self.cache, use_cache=True)
         self.length += T
         return x[0]
+
+    def compiled_layers(self) -> CompiledLayers | None:
+        """The compiled path of the head's layers, or None where it does not apply; made again
+        when their weights were moved (`.to(dtype)` keeps the parameters, not their storage)."""
+        key = tuple(p.data_ptr() for p in self._layer_parameters)
+        if self._compiled_key != key:
+            self._compiled, self._compiled_key = compiled_stack(self.layers), key
+        return self._compiled
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the compiled path (ctypes handles); they make their own."""
+        state = super().__getstate__()
+        state["_compiled"], state["_compiled_key"] = None, None
+        return state
 
     def rollback(self, length: int) -> None:
         """Forget every cached position from `length` on."""
@@ -333,6 +362,16 @@ class EarlyExitHead(nn.Module):
             self.norm.load_state_dict(norm, strict=True)
         except RuntimeError as exc:
             raise HeadFileError(f"{str(path)!r} does not hold the weights this head needs: {exc}") from None
+
+
+def drafting_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) without bias, through the compiled few-row kernel for a drafting pass:
+    CPU fp32, at most MAX_ROWS rows, no autograd or autocast (training keeps PyTorch's)."""
+    if (x.dtype == weight.dtype == torch.float32 and x.is_cpu and weight.is_cpu and weight.is_contiguous()
+            and x.numel() <= MAX_ROWS * x.shape[-1] and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu") and build.library() is not None):
+        return few_rows_linear(x, weight)
+    return torch.nn.functional.linear(x, weight)
 
 
 def head_class(kind: str, path: Path) -> type:

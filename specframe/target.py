@@ -263,6 +263,8 @@ class TargetModel:
             hidden = self.split_hidden[start : start + len(ids)]
             first = self.split_layer
         hidden = self._run_layers(hidden, first, self.num_layers, start, mask=mask, positions=positions)
+        if self.final_from is not None:  # an eagle head reads the accepted path's features
+            self.final_hidden = _stored(self.final_hidden, self.final_norm(hidden), start)
         self.ids += ids.tolist()
         self.lower_ids, self.lower_parents = [], None
         self.length += hidden.shape[0]
@@ -279,6 +281,8 @@ class TargetModel:
         self.cache.keep(start, rows, range(self.num_layers))
         if self.split_layer and self.split_hidden is not None:
             self.split_hidden[start : start + rows.shape[0]] = self.split_hidden[rows]
+        if self.final_from is not None and self.final_hidden is not None:
+            self.final_hidden[start : start + rows.shape[0]] = self.final_hidden[rows]
         self.ids = self.ids[:start] + [self.ids[r] for r in rows.tolist()]
         self.length = start + rows.shape[0]
 

@@ -11,7 +11,7 @@ from specframe.eagle_head import EagleHead
 from specframe.errors import PluginContractError
 from specframe.heads import SHIPPED_DIR, EarlyExitHead, HeadFileError, head_class, read_head_file
 from specframe.target import TargetModel
-from specframe.training.dataset import DistillSet
+from specframe.training.dataset import DistillSet, previous_positions
 from specframe.training.head import HeadTraining, evaluate, train_head
 from specframe.training.shards import ShardSettings, teacher_forced_shard
 
@@ -156,9 +156,102 @@ def test_the_head_file_records_the_kind_and_round_trips(tmp_path, tiny_model, ti
         torch.testing.assert_close(loaded(hidden, previous)[0], head(hidden, previous)[0], atol=2e-2, rtol=1e-2)
 
 
-def test_the_shipped_head_stays_an_early_exit_head_and_unknown_kinds_are_clear():
-    for path in SHIPPED_DIR.glob("*.safetensors"):
-        header, _ = read_head_file(path, tensors=False)
-        assert "kind" not in header and head_class(header.get("kind", "early_exit"), path) is EarlyExitHead
+def test_the_shipped_head_is_an_eagle_head_and_unknown_kinds_are_clear():
+    shipped = list(SHIPPED_DIR.glob("*.safetensors"))
+    assert len(shipped) == 1, "one shipped head per model: the drafter takes the first whose fingerprint matches"
+    header, _ = read_head_file(shipped[0], tensors=False)
+    assert head_class(header["kind"], shipped[0]) is EagleHead
     with pytest.raises(HeadFileError, match="kind 'medusa'.*upgrade specframe"):
         head_class("medusa", SHIPPED_DIR / "x.safetensors")
+
+
+# ---- trees: a tree pass keeps the accepted path's features; nodes read their parent's f^ ------
+def test_keep_path_keeps_the_last_layer_features_of_the_accepted_path(tiny_model):
+    prompt, root = [5, 9, 2, 33, 5, 9], 17
+    nodes, parents, path = [4, 8, 21, 30], (-1, 0, -1, 2), (2, 3)
+    target = TargetModel(tiny_model)
+    view = target.enable_split(EXIT_LAYER, final=True)
+    target.forward(torch.tensor(prompt))
+    target.forward_tree(torch.tensor([root, *nodes]), parents)
+    target.keep_path(path)
+    chain = [*prompt, root, *(nodes[n] for n in path)]
+    with torch.no_grad():
+        expected = tiny_model(torch.tensor([chain]), output_hidden_states=True).hidden_states[-1][0]
+    torch.testing.assert_close(view.final_hidden(0, len(chain)), expected, atol=1e-5, rtol=1e-4)
+
+
+def _teacher_forced_confidences(model, head, prompt, pending, draft):
+    """Each node's probability from the teacher-forced head on its own path: the true feature for
+    the root's draft, then the head's own predicted feature at every later depth."""
+    tokens, parents = draft.tokens.tolist(), draft.parents
+    expected = []
+    for node, token in enumerate(tokens):
+        path = []
+        while node >= 0:
+            path.insert(0, tokens[node])
+            node = parents[node]
+        sequence = [*prompt, pending, *path[:-1]]
+        with torch.no_grad():
+            states = model(torch.tensor([sequence]), output_hidden_states=True).hidden_states
+            hidden, previous = states[EXIT_LAYER], previous_positions(states[-1])
+            P = len(prompt)
+            for depth in range(len(path)):  # position P + depth reads f^ of the position before it
+                logits, predicted = head(hidden[:, : P + depth + 1], previous[:, : P + depth + 1])
+                if depth + 1 < len(path):
+                    previous[0, P + depth + 1] = predicted[0, P + depth]
+        expected.append(float(torch.softmax(logits[0, -1].float(), -1)[token]))
+    return expected
+
+
+@pytest.mark.parametrize("tree", ["fixed", "dynamic"])
+def test_each_tree_node_reads_its_parents_predicted_feature(tiny_model, tiny_eagle, tree):
+    from drafters.early_exit import EarlyExitDrafter
+    from specframe.sampling import Sampler
+    from specframe.types import SamplingConfig
+
+    head = tiny_eagle[0]
+    prompt, pending = [5, 9, 2, 33, 5, 9], 17
+    target = TargetModel(tiny_model)
+    drafter = EarlyExitDrafter(head=head, width=3, tree=tree)
+    drafter.before_prefill(target, prompt)
+    target.forward(torch.tensor(prompt), logits_to_keep=1)
+    sampler = Sampler(SamplingConfig(0.0))
+    drafter.begin(target, prompt, sampler)
+    draft = drafter.propose([*prompt, pending], 12, _KeepDrafting(), sampler)
+    assert max(len(draft.tokens), 0) > 3 and any(p >= 0 for p in draft.parents)
+    expected = _teacher_forced_confidences(tiny_model, head, prompt, pending, draft)
+    torch.testing.assert_close(torch.tensor(draft.confidences), torch.tensor(expected), atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("options, controller, controller_options", [
+    ({"width": 2}, "fixed", {"k": 6}), ({"width": 3, "tree": "dynamic"}, "fixed", {"k": 10}),
+    ({"tree": "dynamic"}, "thompson_cost", {"max_width": 3, "min_k": 1})])
+def test_greedy_trees_with_an_eagle_head_equal_plain_decoding(tiny_model, stub_tokenizer, registry, tiny_eagle_path,
+                                                              options, controller, controller_options):
+    decoder = SpeculativeDecoder(tiny_model, stub_tokenizer, drafter="early_exit", controller=controller,
+                                 controller_options=controller_options, registry=registry,
+                                 drafter_options={"head": tiny_eagle_path, **options})
+    for prompt, max_new in PROMPTS:
+        expected = tiny_model.generate(torch.tensor([prompt]), max_new_tokens=max_new, min_new_tokens=max_new,
+                                       do_sample=False)[0, len(prompt):].tolist()
+        for _ in range(2):
+            result = decoder.generate(prompt, max_new_tokens=max_new)
+            assert result.tokens == expected, f"eagle head, {options} + {controller} differs from plain greedy"
+        assert result.stats.accepted > 0
+
+
+@pytest.mark.parametrize("tree", ["fixed", "dynamic"])
+def test_eagle_trees_pass_the_kit(tmp_path, tree):
+    """An eagle head whose fuse mixes in the feature (not the pass-through init), on the kit's Llama."""
+    from specframe import testing
+    from specframe.plugins import PluginRegistry
+
+    from .test_conformance import FAST
+
+    model = testing.tiny_llama(seed=FAST.seed)
+    head = EagleHead(model, exit_layer=2)
+    with torch.no_grad():
+        head.fuse.weight.add_(torch.randn(head.fuse.weight.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
+    options = {"head": str(head.save_pretrained(tmp_path / "eagle.safetensors")), "width": 2, "tree": tree}
+    report = testing.check_drafter("early_exit", options=options, settings=FAST, registry=PluginRegistry(autoload=False))
+    assert report.passed, report

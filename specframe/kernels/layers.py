@@ -15,7 +15,8 @@ against transformers' own on a small random Llama (`_checked`).
 
 Only Llama layers (`LlamaDecoderLayer`: no biases, SiLU, no hooks) in fp32 on CPU; anything
 else, prefills over more than MAX_ROWS tokens, and SPECFRAME_FEW_ROW_KERNEL=0 keep the PyTorch
-path of `TargetModel._run_layers`.
+path of `TargetModel._run_layers`. A draft head's own copies of the target's layers, with their
+own KV cache, take the same path (`compiled_stack`, used by `specframe.heads`).
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ class _Dims(ctypes.Structure):
 
 
 class CompiledLayers:
-    """The compiled path of a Llama model's decoder layers; `compiled_layers(model)` makes one."""
+    """The compiled path of a Llama model's decoder layers (`compiled_layers(model)` makes one), or
+    of a stack of such layers outside a model (`compiled_stack(layers)`)."""
 
-    def __init__(self, model, lib: ctypes.CDLL):
-        config, layers = model.config.get_text_config(), model.model.layers
+    def __init__(self, model_or_layers, lib: ctypes.CDLL):
+        layers = _stack_of(model_or_layers)
         attention = layers[0].self_attn
+        config = attention.config
         self._lib = lib
         self._heads, self._kv_heads = config.num_attention_heads, config.num_key_value_heads
         self._head_dim = attention.head_dim
@@ -93,10 +96,19 @@ class CompiledLayers:
 def compiled_layers(model) -> CompiledLayers | None:
     """The compiled path for `model`'s decoder layers, or None where it does not apply (see the
     module's docstring) or its check against transformers failed."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return compiled_stack(layers) if layers else None
+
+
+def compiled_stack(layers) -> CompiledLayers | None:
+    """The compiled path for a sequence of Llama decoder layers kept outside a model (a draft
+    head's, run over its own KVCache with `run(hidden, 0, len(layers), ...)`), or None where it
+    does not apply. Its weights are the layers' tensors when called: a caller that may replace
+    them (`module.to(dtype)`) makes a new one."""
     lib = build.library()
-    if lib is None or not _is_plain_llama(model) or not _checked(lib):
+    if lib is None or not _is_plain_llama(layers) or not _checked(lib):
         return None
-    return CompiledLayers(model, lib)
+    return CompiledLayers(layers, lib)
 
 
 def runs(layers: CompiledLayers | None, hidden: torch.Tensor) -> bool:
@@ -113,15 +125,19 @@ def _layer_weights(layer) -> list[torch.Tensor]:
             mlp.down_proj.weight]
 
 
-def _is_plain_llama(model) -> bool:
+def _stack_of(model_or_layers) -> list:
+    """A model's decoder layers, or the given sequence of layers."""
+    inner = getattr(model_or_layers, "model", None)
+    return list(inner.layers if inner is not None else model_or_layers)
+
+
+def _is_plain_llama(layers) -> bool:
     """Llama decoder layers as transformers writes them, in fp32 on CPU, with nothing hooked in."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
     if not layers or not all(type(layer) is LlamaDecoderLayer for layer in layers):
         return False
-    config = model.config.get_text_config()
+    config = layers[0].self_attn.config
     if config.hidden_act not in ("silu", "swish") or getattr(config, "pretraining_tp", 1) != 1:
         return False
     modules = [m for layer in layers for m in layer.modules()]
