@@ -406,7 +406,7 @@ static inline __attribute__((always_inline)) vec key_scores(const vec *qv, const
 
 static inline __attribute__((always_inline)) void attend_chunk(
         const float *q, const float *keys, const float *values, const int *order, int n_keys, int D, int heads,
-        float scale, float *scores, float *out, const int DV, const int HC) {
+        float scale, float *scores, float *out, const int DV) {
     vec acc[HEAD_CHUNK][8]; /* fixed sizes (DV <= 8): arrays sized by DV or HC would live on the stack */
     float tops[HEAD_CHUNK];
     for (int h = 0; h < heads; h++) { /* VL keys at a time, their sums folded together */
@@ -473,10 +473,10 @@ static void attend_any(const float *q, const float *keys, const float *values, c
 /* hc (<= HEAD_CHUNK, <= 2 for DV = 8) heads made a constant, so their accumulators stay in registers */
 #define ATTEND_HEADS(DV)                                                                                    \
     switch (hc) {                                                                                           \
-        case 1: attend_chunk(qh, keys, values, order, n_keys, D, 1, scale, scores, oh, DV, 1); break;       \
-        case 2: attend_chunk(qh, keys, values, order, n_keys, D, 2, scale, scores, oh, DV, 2); break;       \
-        case 3: attend_chunk(qh, keys, values, order, n_keys, D, 3, scale, scores, oh, DV, 3); break;       \
-        default: attend_chunk(qh, keys, values, order, n_keys, D, 4, scale, scores, oh, DV, HEAD_CHUNK);   \
+        case 1: attend_chunk(qh, keys, values, order, n_keys, D, 1, scale, scores, oh, DV); break;          \
+        case 2: attend_chunk(qh, keys, values, order, n_keys, D, 2, scale, scores, oh, DV); break;          \
+        case 3: attend_chunk(qh, keys, values, order, n_keys, D, 3, scale, scores, oh, DV); break;          \
+        default: attend_chunk(qh, keys, values, order, n_keys, D, 4, scale, scores, oh, DV);               \
     }
 
 static void attend(const float *q, const float *keys, const float *values, const int *order, int n_keys, int D,
