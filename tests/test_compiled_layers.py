@@ -180,6 +180,23 @@ def test_a_target_pass_takes_the_compiled_layers(lib, tiny_model, monkeypatch):
     assert calls == [3]
 
 
+def test_transformers_output_capturing_hooks_do_not_turn_the_compiled_layers_off(lib, monkeypatch):
+    """transformers leaves a hook on each layer after a call with output_hidden_states=True; it
+    does nothing outside such a call, so the compiled layers still run (and give the same logits)."""
+    model = tiny_llama(init=0.3)
+    ids = torch.tensor([3, 4, 5, 6])
+    with torch.no_grad():
+        expected = model(ids[None], output_hidden_states=True).logits[0]
+    assert model.model.layers[0]._forward_hooks, "transformers no longer leaves its hook: drop this test"
+    calls = []
+    run = CompiledLayers.run
+    monkeypatch.setattr(CompiledLayers, "run", lambda self, hidden, *a: calls.append(hidden.shape[0])
+                        or run(self, hidden, *a))
+    target = TargetModel(model)
+    torch.testing.assert_close(target.forward(ids), expected, atol=1e-5, rtol=1e-4)
+    assert calls == [4]
+
+
 def test_a_hook_on_a_layer_gives_it_its_own_forward(lib, tiny_model):
     model = tiny_llama(init=0.3)
     target = TargetModel(model)

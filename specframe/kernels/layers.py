@@ -59,7 +59,7 @@ class CompiledLayers:
         from torch.nn.modules import module
 
         return bool(module._global_forward_hooks or module._global_forward_pre_hooks) or any(
-            layer._forward_hooks or layer._forward_pre_hooks for layer in self._layers)
+            _live_hooks(layer) for layer in self._layers)
 
     def run(self, hidden: torch.Tensor, first: int, last: int, start: int, cache, rope: tuple[torch.Tensor, ...],
             mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,6 +131,27 @@ def _stack_of(model_or_layers) -> list:
     return list(inner.layers if inner is not None else model_or_layers)
 
 
+def _live_hooks(module) -> list:
+    """The forward hooks on `module` that could act on its output. Not counted: transformers'
+    output-capturing hooks, which it installs for good on the first call with
+    `output_hidden_states=True` and which do nothing outside such a call."""
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    return [hook for hook in hooks if not (_is_output_capturing(hook) and not _capturing())]
+
+
+def _is_output_capturing(hook) -> bool:
+    return getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
+
+
+def _capturing() -> bool:
+    """Whether a transformers call is collecting outputs now (True where that cannot be told)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return True
+    return _active_collector.get() is not None
+
+
 def _is_plain_llama(layers) -> bool:
     """Llama decoder layers as transformers writes them, in fp32 on CPU, with nothing hooked in."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
@@ -141,7 +162,7 @@ def _is_plain_llama(layers) -> bool:
     if config.hidden_act not in ("silu", "swish") or getattr(config, "pretraining_tp", 1) != 1:
         return False
     modules = [m for layer in layers for m in layer.modules()]
-    if any("forward" in vars(m) or m._forward_hooks or m._forward_pre_hooks for m in modules):
+    if any("forward" in vars(m) or _live_hooks(m) for m in modules):
         return False
     linears = [m for m in modules if isinstance(m, torch.nn.Linear)]
     norms = [layer.input_layernorm for layer in layers] + [layer.post_attention_layernorm for layer in layers]
