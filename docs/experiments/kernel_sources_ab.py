@@ -3,7 +3,7 @@ fp32, 1 thread, context 300: the cost of a target pass over t = 1..16 new tokens
 in one process, and whether both give bitwise the same logits (chain passes of 1-16 rows, a
 prefill, and a token tree).
 
-    git show main:specframe/kernels/few_rows.c > /tmp/main_few_rows.c
+    git show 145707e:specframe/kernels/few_rows.c > /tmp/main_few_rows.c  # before the wider tiles
     python docs/experiments/kernel_sources_ab.py 21 /tmp/main_few_rows.c specframe/kernels/few_rows.c
 
 Each pass is timed with the thread's CPU time; prints the median and the minimum per source,
