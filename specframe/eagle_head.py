@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .heads import EarlyExitHead, drafting_linear
+from .heads import EarlyExitHead
+from .kernels.linear import linear as few_row_or_torch_linear
 
 
 class EagleHead(EarlyExitHead):
@@ -74,7 +75,7 @@ class EagleHead(EarlyExitHead):
     def fused_input(self, hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         """(T, C) states and (T, C) previous features -> (T, C) layer input: `self.fuse`, through
         the few-row kernel while drafting in CPU fp32."""
-        return drafting_linear(torch.cat([hidden, previous], -1), self.fuse.weight)
+        return few_row_or_torch_linear(torch.cat([hidden, previous], -1), self.fuse.weight)
 
     def rollback(self, length: int) -> None:
         super().rollback(length)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .errors import ModelMismatchError, SpecframeError
-from .kernels import MAX_ROWS, build, few_rows_linear
+from .kernels.linear import linear as few_row_or_torch_linear
 from .kernels.layers import CompiledLayers, compiled_stack, runs
 from .target import causal_mask
 
@@ -171,9 +171,9 @@ class EarlyExitHead(nn.Module):
 
     def score(self, x: torch.Tensor, extra: bool = False) -> torch.Tensor:
         """(..., C) normed features -> (..., R) logits, or (..., R + E) with the context tokens."""
-        logits = drafting_linear(x, self.lm_weight())
+        logits = few_row_or_torch_linear(x, self.lm_weight())
         if extra and self._extra_weight is not None:
-            logits = torch.cat([logits, drafting_linear(x, self._extra_weight)], -1)
+            logits = torch.cat([logits, few_row_or_torch_linear(x, self._extra_weight)], -1)
         return logits
 
     # ---- context tokens: a reduced vocabulary grows with the tokens of the context ----------
@@ -362,16 +362,6 @@ class EarlyExitHead(nn.Module):
             self.norm.load_state_dict(norm, strict=True)
         except RuntimeError as exc:
             raise HeadFileError(f"{str(path)!r} does not hold the weights this head needs: {exc}") from None
-
-
-def drafting_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) without bias, through the compiled few-row kernel for a drafting pass:
-    CPU fp32, at most MAX_ROWS rows, no autograd or autocast (training keeps PyTorch's)."""
-    if (x.dtype == weight.dtype == torch.float32 and x.is_cpu and weight.is_cpu and weight.is_contiguous()
-            and x.numel() <= MAX_ROWS * x.shape[-1] and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and build.library() is not None):
-        return few_rows_linear(x, weight)
-    return torch.nn.functional.linear(x, weight)
 
 
 def head_class(kind: str, path: Path) -> type:

@@ -134,7 +134,7 @@ def test_a_draft_step_takes_the_compiled_head(lib, model, monkeypatch, kind):
         return few_rows(x, weight, bias)
 
     monkeypatch.setattr(CompiledLayers, "run", counted_run)
-    monkeypatch.setattr("specframe.heads.few_rows_linear", counted_linear)
+    monkeypatch.setattr("specframe.kernels.linear.few_rows_linear", counted_linear)
     assert len(_rounds(model, kind, True, 0.0)[0][0]) == 5
     assert calls["layers"].count((1, 1)) >= 15, calls["layers"]  # 3 rounds of 5 one-token head steps
     R = len(range(0, model.config.vocab_size, 3))

@@ -102,13 +102,19 @@ class FewRowKernels:
             else module(x)
 
 
-def _kernel_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    weight, bias = module.weight, module.bias
-    if (x.dtype is not torch.float32 or weight.dtype is not torch.float32 or not x.is_cpu
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through the compiled few-row kernel where it applies: the library built, CPU
+    fp32, at most MAX_ROWS rows, a contiguous weight, no autograd to record and no autocast."""
+    if (x.dtype is not torch.float32 or weight.dtype is not torch.float32 or not x.is_cpu or not weight.is_cpu
             or x.numel() > MAX_ROWS * x.shape[-1] or not weight.is_contiguous()
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            or torch.is_autocast_enabled("cpu") or build.library() is None):
         return F.linear(x, weight, bias)
     return few_rows_linear(x, weight, bias)
+
+
+def _kernel_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, module.weight, module.bias)
 
 
 class _PackedHead:
