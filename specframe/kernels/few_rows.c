@@ -1,4 +1,4 @@
-/* specframe's few-row kernels for CPU fp32: passes over 1-16 tokens (rows).
+/* specframe's few-row kernels for CPU passes over 1-16 tokens (rows), fp32 or bf16 weights.
  *
  * specframe_few_rows_linear: y[T, N] = x[T, K] @ w[N, K]^T, reading each weight row once for all rows.
  * specframe_layers: whole Llama decoder layers (RMSNorm, q/k/v, RoPE, KV-cache write, attention,
@@ -7,6 +7,14 @@
  * Every output element is computed by the same code in the same order of sums whatever the
  * number of rows (and of threads), so row i of a pass over T rows is bitwise the row a one-token
  * pass gives. Built by specframe/kernels/build.py with -O3 -march=native.
+ *
+ * Built with -DSPECFRAME_BF16, the weights and the KV cache are bf16 (`weight_t`): each is
+ * widened to fp32 as it is loaded (bf16 is the top half of an fp32, so a 16-bit shift: no bf16
+ * units needed), and everything is computed and accumulated in fp32 by the same tiles, folds and
+ * threads, so rows stay bitwise independent of the row and thread counts. Keys and values are
+ * rounded to bf16 (to nearest even, as torch rounds) as they are written into the cache, and the
+ * residual stream at the end of each layer, so a stack of layers run in one call or split into
+ * runs (EESD's lower and upper layers) gives bitwise the same states. Activations stay fp32.
  */
 #include <math.h>
 #include <pthread.h>
@@ -37,6 +45,39 @@ typedef int ivec __attribute__((vector_size(VL * 4)));
 #endif
 
 static inline vec loadu(const float *p) { vec v; __builtin_memcpy(&v, p, sizeof v); return v; }
+
+/* ---- weights and the KV cache: fp32, or bf16 widened to fp32 as loaded ----------------------- */
+#if defined(SPECFRAME_BF16)
+typedef uint16_t weight_t; /* bf16: the top 16 bits of an fp32 */
+typedef uint16_t bf16_lanes __attribute__((vector_size(VL * 2)));
+typedef uint32_t uvec __attribute__((vector_size(VL * 4)));
+static inline vec loadw(const weight_t *p) { /* VL bf16 values -> fp32 lanes */
+    bf16_lanes h; __builtin_memcpy(&h, p, sizeof h);
+    return (vec)(__builtin_convertvector(h, uvec) << 16);
+}
+static inline float getw(const weight_t *p) { uint32_t u = (uint32_t)*p << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline weight_t to_weight(float f) { /* round to nearest even, as torch's float -> bfloat16 */
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
+    return (weight_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+static inline float rounded(float f) { weight_t b = to_weight(f); return getw(&b); } /* f to bf16's precision */
+#else
+typedef float weight_t;
+static inline vec loadw(const weight_t *p) { return loadu(p); }
+static inline float getw(const weight_t *p) { return *p; }
+static inline weight_t to_weight(float f) { return f; }
+static inline float rounded(float f) { return f; }
+#endif
+#define LINE_ELEMENTS (64 / (int)sizeof(weight_t)) /* weights in a cache line */
+
+/* the element size of the weights and KV cache this library was built for (4: fp32, 2: bf16) */
+int specframe_weight_bytes(void) { return (int)sizeof(weight_t); }
+
+/* out[i] = x[i] in the weights' dtype, as the KV cache is written (the tests compare it with torch) */
+void specframe_to_weights(const float *x, weight_t *out, long n) {
+    for (long i = 0; i < n; i++) out[i] = to_weight(x[i]);
+}
 
 static inline float hsum(vec v) { /* a tree of adds, not a chain of VL dependent ones */
     half lo, hi; __builtin_memcpy(&lo, &v, sizeof lo); __builtin_memcpy(&hi, (char *)&v + sizeof lo, sizeof hi);
@@ -115,15 +156,16 @@ static inline __attribute__((always_inline)) void hsums(const vec *acc, const in
 /* tb input rows against nb weight rows, both constants once inlined; every output element is
  * summed in the same order (VL-lane partial sums over k, hsum, then the tail), so which tile an
  * element falls in changes nothing. pf: a weight block to prefetch alongside, or NULL. */
-static inline __attribute__((always_inline)) void tile(const float *x, const float *w, float *y,
-                                                         const int tb, const int nb, int K, int N, const float *pf) {
+static inline __attribute__((always_inline)) void tile(const float *x, const weight_t *w, float *y,
+                                                         const int tb, const int nb, int K, int N, const weight_t *pf) {
     vec acc[TB * NB];
     for (int m = 0; m < tb * nb; m++) acc[m] = (vec){0};
     int k = 0;
     for (; k + VL <= K; k += VL) {
-        if (pf) for (int line = 0; line < nb * VL; line += 16) __builtin_prefetch(pf + nb * (size_t)k + line, 0, 2);
+        if (pf)
+            for (int line = 0; line < nb * VL; line += LINE_ELEMENTS) __builtin_prefetch(pf + nb * (size_t)k + line, 0, 2);
         vec wv[NB];
-        for (int j = 0; j < nb; j++) wv[j] = loadu(w + (size_t)j * K + k);
+        for (int j = 0; j < nb; j++) wv[j] = loadw(w + (size_t)j * K + k);
         for (int i = 0; i < tb; i++) {
             vec xv = loadu(x + (size_t)i * K + k);
             IN_REGISTER(xv); /* one load: GCC would fold it into each of the nb FMAs */
@@ -135,7 +177,7 @@ static inline __attribute__((always_inline)) void tile(const float *x, const flo
     for (int i = 0; i < tb; i++)
         for (int j = 0; j < nb; j++) {
             float s = sums[i * nb + j];
-            for (int kk = k; kk < K; kk++) s += x[(size_t)i * K + kk] * w[(size_t)j * K + kk];
+            for (int kk = k; kk < K; kk++) s += x[(size_t)i * K + kk] * getw(w + (size_t)j * K + kk);
             y[(size_t)i * N + j] = s;
         }
 }
@@ -153,7 +195,7 @@ static int block_rows(int tb) { return TB == 8 && tb > 6 ? 3 : NB; }
 
 /* one tile with tb and nb made constants, so the accumulators stay in registers; only the
  * shapes block_rows allows are compiled */
-static void any_tile(const float *x, const float *w, float *y, int tb, int nb, int K, int N, const float *pf) {
+static void any_tile(const float *x, const weight_t *w, float *y, int tb, int nb, int K, int N, const weight_t *pf) {
     switch (tb * 8 + nb) {
         TILES(1) TILE(1, 4) TILES(2) TILE(2, 4)
 #if TB == 8
@@ -163,7 +205,7 @@ static void any_tile(const float *x, const float *w, float *y, int tb, int nb, i
 }
 
 /* all T rows against nb weight rows (nb <= block_rows(tile_rows(T))) */
-static void block(const float *x, const float *w, float *y, int T, int K, int N, int nb, const float *pf) {
+static void block(const float *x, const weight_t *w, float *y, int T, int K, int N, int nb, const weight_t *pf) {
     for (int t = 0, done = 0, tiles = row_tiles(T); t < tiles; t++, pf = NULL) {
         int tb = (T - done + (tiles - t) - 1) / (tiles - t);
         any_tile(x + (size_t)done * K, w, y + (size_t)done * N, tb, nb, K, N, pf);
@@ -174,12 +216,12 @@ static void block(const float *x, const float *w, float *y, int T, int K, int N,
 /* Output columns [n0, n1) of y. Every element is computed as the whole call computes it, so any
  * split of [0, N) gives the same result. then: the weights the caller reads next (or NULL),
  * prefetched while the last PF_ROWS rows of these run, so the next stream starts warm. */
-static void linear_columns(const float *x, const float *w, float *y, int T, int K, int N, int n0, int n1,
-                           const float *then) {
+static void linear_columns(const float *x, const weight_t *w, float *y, int T, int K, int N, int n0, int n1,
+                           const weight_t *then) {
     int nb = block_rows(tile_rows(T)), n = n0;
     for (; n + nb <= n1; n += nb) {
         int beyond = n + PF_ROWS - n1; /* the block to prefetch, from n1 on: in `then` once past n1 */
-        const float *ahead = beyond + nb <= 0 ? w + (size_t)(n + PF_ROWS) * K
+        const weight_t *ahead = beyond + nb <= 0 ? w + (size_t)(n + PF_ROWS) * K
                              : then ? then + (size_t)(beyond > 0 ? beyond : 0) * K : NULL;
         block(x, w + (size_t)n * K, y + n, T, K, N, nb, ahead);
     }
@@ -285,7 +327,7 @@ static void column_share(int N, int id, int n, int *n0, int *n1) {
     *n1 = *n1 * SHARE_COLUMNS < N ? *n1 * SHARE_COLUMNS : N;
 }
 
-typedef struct { const float *x, *w; float *y; int T, K, N; } linear_job;
+typedef struct { const float *x; const weight_t *w; float *y; int T, K, N; } linear_job;
 
 static void linear_task(void *data, int id, int n) {
     linear_job *j = data;
@@ -294,7 +336,7 @@ static void linear_task(void *data, int id, int n) {
     linear_columns(j->x, j->w, j->y, j->T, j->K, j->N, n0, n1, NULL);
 }
 
-int specframe_few_rows_linear(const float *x, const float *w, float *y, int T, int K, int N, int threads) {
+int specframe_few_rows_linear(const float *x, const weight_t *w, float *y, int T, int K, int N, int threads) {
     linear_job job = {x, w, y, T, K, N};
     run_parallel(linear_task, &job, threads);
     return 0;
@@ -303,8 +345,8 @@ int specframe_few_rows_linear(const float *x, const float *w, float *y, int T, i
 /* ---- decoder layers ---------------------------------------------------------------------- */
 
 typedef struct { /* one Llama decoder layer: PyTorch's weights and the KV cache, read in place */
-    const float *input_norm, *q, *k, *v, *o, *post_norm, *gate, *up, *down;
-    float *keys, *values; /* (Hkv, capacity, D) */
+    const weight_t *input_norm, *q, *k, *v, *o, *post_norm, *gate, *up, *down;
+    weight_t *keys, *values; /* (Hkv, capacity, D) */
     long capacity;
 } specframe_layer;
 
@@ -319,12 +361,22 @@ static float dot(const float *a, const float *b, int n) {
     return s;
 }
 
+/* dot with b in the weights' dtype: the same sums in the same order */
+static float dot_w(const float *a, const weight_t *b, int n) {
+    vec acc = (vec){0};
+    int k = 0;
+    for (; k + VL <= n; k += VL) acc += loadu(a + k) * loadw(b + k);
+    float s = hsum(acc);
+    for (; k < n; k++) s += a[k] * getw(b + k);
+    return s;
+}
+
 /* transformers' LlamaRMSNorm: w * (x * rsqrt(mean(x^2) + eps)), row by row */
-static void rms_norm(const float *x, const float *w, float *out, int T, int C, float eps) {
+static void rms_norm(const float *x, const weight_t *w, float *out, int T, int C, float eps) {
     for (int t = 0; t < T; t++) {
         const float *row = x + (size_t)t * C;
         float r = 1.0f / sqrtf(dot(row, row, C) / (float)C + eps);
-        for (int c = 0; c < C; c++) out[(size_t)t * C + c] = w[c] * (row[c] * r);
+        for (int c = 0; c < C; c++) out[(size_t)t * C + c] = getw(w + c) * (row[c] * r);
     }
 }
 
@@ -390,14 +442,14 @@ static float softmax_weights(float *row, int n, float top) {
 
 /* scores of n <= VL keys from `first` for one query head (qv: DV vectors): a vector of n lanes
  * (the rest 0), each dot product summed in the same order as `dot` */
-static inline __attribute__((always_inline)) vec key_scores(const vec *qv, const float *keys, const int *order,
+static inline __attribute__((always_inline)) vec key_scores(const vec *qv, const weight_t *keys, const int *order,
                                                              int first, const int n, int D, const int DV) {
     vec dots[VL];
     for (int i = 0; i < VL; i++) {
         vec dot = (vec){0};
         if (i < n) {
-            const float *k = keys + (size_t)(order ? order[first + i] : first + i) * D;
-            for (int c = 0; c < DV; c++) dot += qv[c] * loadu(k + c * VL);
+            const weight_t *k = keys + (size_t)(order ? order[first + i] : first + i) * D;
+            for (int c = 0; c < DV; c++) dot += qv[c] * loadw(k + c * VL);
         }
         dots[i] = dot;
     }
@@ -405,7 +457,7 @@ static inline __attribute__((always_inline)) vec key_scores(const vec *qv, const
 }
 
 static inline __attribute__((always_inline)) void attend_chunk(
-        const float *q, const float *keys, const float *values, const int *order, int n_keys, int D, int heads,
+        const float *q, const weight_t *keys, const weight_t *values, const int *order, int n_keys, int D, int heads,
         float scale, float *scores, float *out, const int DV) {
     vec acc[HEAD_CHUNK][8]; /* fixed sizes (DV <= 8): arrays sized by DV or HC would live on the stack */
     float tops[HEAD_CHUNK];
@@ -436,9 +488,9 @@ static inline __attribute__((always_inline)) void attend_chunk(
         for (int c = 0; c < DV; c++) acc[h][c] = (vec){0};
     }
     for (int i = 0; i < n_keys; i++) {
-        const float *v = values + (size_t)(order ? order[i] : i) * D;
+        const weight_t *v = values + (size_t)(order ? order[i] : i) * D;
         vec vv[8];
-        for (int c = 0; c < DV; c++) vv[c] = loadu(v + c * VL);
+        for (int c = 0; c < DV; c++) vv[c] = loadw(v + c * VL);
         for (int h = 0; h < heads; h++) {
             float p = scores[(size_t)h * n_keys + i];
             for (int c = 0; c < DV; c++) acc[h][c] += p * vv[c];
@@ -452,19 +504,19 @@ static inline __attribute__((always_inline)) void attend_chunk(
 }
 
 /* The same for any D, without vectors kept in registers (the order of sums is the same per head). */
-static void attend_any(const float *q, const float *keys, const float *values, const int *order, int n_keys, int D,
+static void attend_any(const float *q, const weight_t *keys, const weight_t *values, const int *order, int n_keys, int D,
                        int heads, float scale, float *scores, float *out) {
     for (int h = 0; h < heads; h++) {
         float *row = scores + (size_t)h * n_keys, top = -INFINITY;
         for (int i = 0; i < n_keys; i++) {
-            row[i] = dot(q + (size_t)h * D, keys + (size_t)(order ? order[i] : i) * D, D) * scale;
+            row[i] = dot_w(q + (size_t)h * D, keys + (size_t)(order ? order[i] : i) * D, D) * scale;
             top = row[i] > top ? row[i] : top;
         }
         float *o = out + (size_t)h * D, total = softmax_weights(row, n_keys, top);
         for (int d = 0; d < D; d++) o[d] = 0.0f;
         for (int i = 0; i < n_keys; i++) {
-            const float *v = values + (size_t)(order ? order[i] : i) * D;
-            for (int d = 0; d < D; d++) o[d] += row[i] * v[d];
+            const weight_t *v = values + (size_t)(order ? order[i] : i) * D;
+            for (int d = 0; d < D; d++) o[d] += row[i] * getw(v + d);
         }
         for (int d = 0; d < D; d++) o[d] *= 1.0f / total;
     }
@@ -479,7 +531,7 @@ static void attend_any(const float *q, const float *keys, const float *values, c
         default: attend_chunk(qh, keys, values, order, n_keys, D, 4, scale, scores, oh, DV);               \
     }
 
-static void attend(const float *q, const float *keys, const float *values, const int *order, int n_keys, int D,
+static void attend(const float *q, const weight_t *keys, const weight_t *values, const int *order, int n_keys, int D,
                    int heads, float scale, float *scores, float *out) {
     int chunk = D == 8 * VL ? HEAD_CHUNK / 2 : HEAD_CHUNK; /* the accumulators fit in registers */
     for (int h0 = 0; h0 < heads; h0 += chunk) {
@@ -514,19 +566,26 @@ static void rope_heads(const layers_job *j, float *x, int heads, int h0, int h1)
 }
 
 /* keys or values of heads [g0, g1) of the new rows (T, Hkv * D) into a (Hkv, capacity, D) cache */
-static void to_cache(const layers_job *j, const specframe_layer *l, const float *rows, float *cache, int g0, int g1) {
+static void to_cache(const layers_job *j, const specframe_layer *l, const float *rows, weight_t *cache, int g0,
+                     int g1) {
     int Hkv = j->d->Hkv, D = j->d->D;
     for (int t = 0; t < j->T; t++)
-        for (int g = g0; g < g1; g++)
-            memcpy(cache + ((size_t)g * l->capacity + j->start + t) * D, rows + ((size_t)t * Hkv + g) * D,
-                   sizeof(float) * D);
+        for (int g = g0; g < g1; g++) {
+            weight_t *to = cache + ((size_t)g * l->capacity + j->start + t) * D;
+            const float *from = rows + ((size_t)t * Hkv + g) * D;
+#if defined(SPECFRAME_BF16)
+            for (int c = 0; c < D; c++) to[c] = to_weight(from[c]);
+#else
+            memcpy(to, from, sizeof(float) * D);
+#endif
+        }
 }
 
 /* A layer's weights in the order a thread reads them */
 enum weight { W_Q, W_K, W_V, W_O, W_GATE, W_UP, W_DOWN };
 
 /* where thread id's share of weight `part` of layer l begins */
-static const float *share_begins(const layers_job *j, const specframe_layer *l, int part, int id, int n) {
+static const weight_t *share_begins(const layers_job *j, const specframe_layer *l, int part, int id, int n) {
     const specframe_dims *d = j->d;
     int lo, hi;
     switch (part) {
@@ -541,7 +600,7 @@ static const float *share_begins(const layers_job *j, const specframe_layer *l, 
 }
 
 /* the weights thread id reads after `part` of layer l: the next part, or the next layer's q */
-static const float *after(const layers_job *j, const specframe_layer *l, int part, int id, int n) {
+static const weight_t *after(const layers_job *j, const specframe_layer *l, int part, int id, int n) {
     if (part != W_DOWN) return share_begins(j, l, part + 1, id, n);
     return l + 1 < j->layers + j->n_layers ? share_begins(j, l + 1, W_Q, id, n) : NULL;
 }
@@ -573,13 +632,18 @@ static void attention(layers_job *j, const specframe_layer *l, int id, int n) {
     }
 }
 
-/* x[:, n0:n1] += in[:, n0:n1] @ w[n0:n1]^T: a residual branch's output columns */
-static void add_columns(layers_job *j, const float *in, const float *w, int K, const float *then, int id, int n) {
+/* x[:, n0:n1] += in[:, n0:n1] @ w[n0:n1]^T: a residual branch's output columns; `layer_end`: the
+ * sum is the layer's output, rounded to the weights' precision (a no-op in fp32) */
+static void add_columns(layers_job *j, const float *in, const weight_t *w, int K, const weight_t *then, int layer_end,
+                        int id, int n) {
     int C = j->d->C, n0, n1;
     column_share(C, id, n, &n0, &n1);
     linear_columns(in, w, j->y, j->T, K, C, n0, n1, then);
     for (int t = 0; t < j->T; t++)
-        for (int c = n0; c < n1; c++) j->x[(size_t)t * C + c] = j->x[(size_t)t * C + c] + j->y[(size_t)t * C + c];
+        for (int c = n0; c < n1; c++) {
+            float sum = j->x[(size_t)t * C + c] + j->y[(size_t)t * C + c];
+            j->x[(size_t)t * C + c] = layer_end ? rounded(sum) : sum;
+        }
 }
 
 /* g[i] = silu(g[i]) * u[i] = g[i] / (1 + e^-g[i]) * u[i], lane by lane (the tail padded) */
@@ -613,20 +677,21 @@ static void layers_task(void *data, int id, int n) {
         meet(&j->meeting, n);
         attention(j, l, id, n);
         meet(&j->meeting, n);
-        add_columns(j, j->a, l->o, d->H * d->D, after(j, l, W_O, id, n), id, n);
+        add_columns(j, j->a, l->o, d->H * d->D, after(j, l, W_O, id, n), 0, id, n);
         meet(&j->meeting, n);
         rms_norm(j->x, l->post_norm, h, j->T, d->C, d->eps);
         gate_up(j, l, h, id, n);
         meet(&j->meeting, n);
-        add_columns(j, j->g, l->down, d->I, after(j, l, W_DOWN, id, n), id, n);
+        add_columns(j, j->g, l->down, d->I, after(j, l, W_DOWN, id, n), 1, id, n);
         meet(&j->meeting, n);
     }
 }
 
 static size_t padded(size_t floats) { return (floats + 15) & ~(size_t)15; } /* 64-byte pieces */
 
-/* x (T, C): the residual stream of T new tokens at positions start.., updated in place through
- * n_layers layers on `threads` threads. cos, sin (T, D): the rotary embedding of each row. mask:
+/* x (T, C): the residual stream of T new tokens at positions start.., fp32 in both builds (in the
+ * bf16 build its values are bf16's on return), updated in place through n_layers layers on
+ * `threads` threads. cos, sin (T, D), fp32: the rotary embedding of each row. mask:
  * NULL (causal: row t sees cached positions and new rows <= t) or (T, start + T) bytes, row t
  * seeing the keys it marks (a token tree). Keys and values of the new rows are written at
  * start.. of each cache. Returns 0, or < 0 when scratch memory cannot be had or D is too large

@@ -13,10 +13,21 @@ bitwise the rows of one-token passes. Against transformers' layers the results d
 fp32 rounding. Before a model uses the compiled layers, they are checked once per process
 against transformers' own on a small random Llama (`_checked`).
 
-Only Llama layers (`LlamaDecoderLayer`: no biases, SiLU, no hooks) in fp32 on CPU; anything
-else, prefills over more than MAX_ROWS tokens, and SPECFRAME_FEW_ROW_KERNEL=0 keep the PyTorch
-path of `TargetModel._run_layers`. A draft head's own copies of the target's layers, with their
-own KV cache, take the same path (`compiled_stack`, used by `specframe.heads`).
+bf16 models take the same path through a second build of few_rows.c (`build.library(bf16)`):
+bf16 weights and KV cache buffers (the same buffers PyTorch's prefills write), widened to fp32
+as they are loaded, with every sum computed and accumulated in fp32 as in the fp32 build.
+Activations stay fp32 inside the call; the states come in and go out in bf16, and the C code
+rounds keys and values to bf16 as it caches them and the residual stream at each layer's end
+(to nearest even, as torch does), so a split stack (EESD's lower and upper layers) gives the
+states of one call. The rows are then bitwise those of one-token passes in bf16 too: greedy
+speculative decoding gives plain decoding's tokens. The bf16 check is against a float64 forward of
+the same bf16 weights: the compiled layers must be at least as close to it as transformers'
+bf16 layers are.
+
+Only Llama layers (`LlamaDecoderLayer`: no biases, SiLU, no hooks) in fp32 or bf16 on CPU;
+anything else, prefills over more than MAX_ROWS tokens, and SPECFRAME_FEW_ROW_KERNEL=0 keep the
+PyTorch path of `TargetModel._run_layers`. A draft head's own copies of the target's layers, with
+their own KV cache, take the same path (`compiled_stack`, used by `specframe.heads`).
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ class CompiledLayers:
         attention = layers[0].self_attn
         config = attention.config
         self._lib = lib
+        self.dtype = layers[0].self_attn.q_proj.weight.dtype  # of the weights and KV cache: fp32 or bf16
         self._heads, self._kv_heads = config.num_attention_heads, config.num_key_value_heads
         self._head_dim = attention.head_dim
         self._dims = _Dims(config.hidden_size, self._heads, self._kv_heads, self._head_dim,
@@ -67,21 +79,22 @@ class CompiledLayers:
 
         Keys and values go into `cache` (a `specframe.target.KVCache` whose layers hold `start`
         tokens). rope: transformers' (cos, sin), each (1, T, D). mask: None (causal) or a token
-        tree's (1, 1, T, start + T) bool mask.
+        tree's (1, 1, T, start + T) bool mask. hidden, and the result, are in the weights' dtype.
         """
         T = hidden.shape[0]
         end = start + T
-        prototype = hidden.new_empty(1, self._kv_heads, 0, self._head_dim)
+        prototype = hidden.new_empty(1, self._kv_heads, 0, self._head_dim, dtype=self.dtype)
         table = torch.empty(last - first, len(_TABLE_COLUMNS), dtype=torch.int64)  # the C struct array
         rows = []
         for index in range(first, last):
             assert cache.length(index) == start, f"layer {index} caches {cache.length(index)} tokens, not {start}"
             keys, values = cache.make_room(index, end, prototype)
+            assert keys.dtype == values.dtype == self.dtype, f"layer {index} caches {keys.dtype}, not {self.dtype}"
             rows.append([w.data_ptr() for w in self._weights[index]] + [keys.data_ptr(), values.data_ptr(),
                                                                         keys.shape[2]])
         table[:] = torch.tensor(rows, dtype=torch.int64)
-        x = hidden.contiguous().clone()  # updated in place by the C call
-        cos, sin = (part[0].contiguous() for part in rope)
+        x = hidden.to(torch.float32, copy=True).contiguous()  # (T, C) fp32, updated in place by the C call
+        cos, sin = (part[0].to(torch.float32).contiguous() for part in rope)
         tree = None if mask is None else mask[0, 0].to(torch.uint8).contiguous()
         status = self._lib.specframe_layers(ctypes.byref(self._dims), table.data_ptr(), last - first, x.data_ptr(),
                                             T, start, cos.data_ptr(), sin.data_ptr(),
@@ -90,7 +103,7 @@ class CompiledLayers:
             raise MemoryError(f"the compiled decoder layers could not allocate scratch memory (status {status})")
         for index in range(first, last):
             cache.lengths[index] = end
-        return x
+        return x.to(hidden.dtype)  # exact: in bf16 the C code rounded each layer's output
 
 
 def compiled_layers(model) -> CompiledLayers | None:
@@ -105,8 +118,11 @@ def compiled_stack(layers) -> CompiledLayers | None:
     head's, run over its own KVCache with `run(hidden, 0, len(layers), ...)`), or None where it
     does not apply. Its weights are the layers' tensors when called: a caller that may replace
     them (`module.to(dtype)`) makes a new one."""
-    lib = build.library()
-    if lib is None or not _is_plain_llama(layers) or not _checked(lib):
+    if not _is_plain_llama(layers):
+        return None
+    dtype = layers[0].self_attn.q_proj.weight.dtype
+    lib = build.library(dtype)
+    if lib is None or not _checked(lib, dtype):
         return None
     return CompiledLayers(layers, lib)
 
@@ -114,7 +130,7 @@ def compiled_stack(layers) -> CompiledLayers | None:
 def runs(layers: CompiledLayers | None, hidden: torch.Tensor) -> bool:
     """Whether a pass over `hidden` (T, C) takes the compiled layers: not when a hook was put on
     a decoder layer since (it expects the layer's own forward to run)."""
-    return (layers is not None and hidden.shape[0] <= MAX_ROWS and hidden.dtype == torch.float32 and hidden.is_cpu
+    return (layers is not None and hidden.shape[0] <= MAX_ROWS and hidden.dtype == layers.dtype and hidden.is_cpu
             and not torch.is_grad_enabled() and not layers.hooked())
 
 
@@ -153,7 +169,8 @@ def _capturing() -> bool:
 
 
 def _is_plain_llama(layers) -> bool:
-    """Llama decoder layers as transformers writes them, in fp32 on CPU, with nothing hooked in."""
+    """Llama decoder layers as transformers writes them, in fp32 or bf16 (all weights alike) on CPU,
+    with nothing hooked in."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
     if not layers or not all(type(layer) is LlamaDecoderLayer for layer in layers):
@@ -168,43 +185,73 @@ def _is_plain_llama(layers) -> bool:
     norms = [layer.input_layernorm for layer in layers] + [layer.post_attention_layernorm for layer in layers]
     weights = [w for layer in layers for w in _layer_weights(layer)]
     return (all(m.bias is None for m in linears) and all(type(n) is LlamaRMSNorm for n in norms)
-            and all(w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous() for w in weights))
+            and weights[0].dtype in build.KERNEL_DTYPES
+            and all(w.device.type == "cpu" and w.dtype == weights[0].dtype and w.is_contiguous() for w in weights))
 
 
 @functools.cache
-def _checked(lib: ctypes.CDLL) -> bool:
-    """Whether the compiled layers agree with transformers' on a small random Llama: a pass over
-    3 tokens after 2 cached, causal, and a tree pass. Warns and returns False if not."""
-    error = _layer_check_error(lib)
+def _checked(lib: ctypes.CDLL, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the compiled layers of `lib` (weights of `dtype`) pass `_layer_check_error`. Warns
+    and returns False if not."""
+    error = _layer_check_error(lib, dtype)
     if error is not None:
         warnings.warn(f"specframe: the compiled decoder layers are unavailable ({error}); using PyTorch's layers",
                       RuntimeWarning, stacklevel=3)
     return error is None
 
 
-def _layer_check_error(lib: ctypes.CDLL) -> str | None:
+def _layer_check_error(lib: ctypes.CDLL, dtype: torch.dtype = torch.float32) -> str | None:
+    """What is wrong with the compiled layers on a small random Llama in `dtype` (None: nothing),
+    over a pass over 2 tokens then a tree-masked pass over 3 (a causal mask given as a tree's).
+
+    fp32: within 1e-4 of transformers' fp32 layers. bf16: at least as close to a float64 forward
+    of the same bf16 weights as transformers' bf16 layers are (both round their output to bf16;
+    the compiled layers also the keys, values and each layer's output, transformers every step).
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ..target import KVCache
-
     config = LlamaConfig(vocab_size=16, hidden_size=40, intermediate_size=56, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, initializer_range=0.2)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config).eval()
-    generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(5, config.hidden_size, generator=generator)
-    with torch.inference_mode():
-        positions = torch.arange(5)[None]
-        rope = model.model.rotary_emb(hidden[None], position_ids=positions)
-        mask = (torch.arange(5)[None, :] <= torch.arange(5)[:, None])[None, None]
-        expected = hidden[None]
-        for layer in model.model.layers:
-            expected = layer(expected, attention_mask=mask, position_ids=positions, position_embeddings=rope)
-        compiled, cache = CompiledLayers(model, lib), KVCache()
-        head = compiled.run(hidden[:2], 0, 2, 0, cache, tuple(part[:, :2] for part in rope))
-        tail = compiled.run(hidden[2:], 0, 2, 2, cache, tuple(part[:, 2:] for part in rope), mask[:, :, 2:])
-    got = torch.cat([head, tail])
-    if not torch.allclose(got, expected[0], rtol=1e-4, atol=1e-4):
-        return f"largest difference {(got - expected[0]).abs().max().item():.2e} from transformers' layers"
+        model = LlamaForCausalLM(config).eval().to(dtype)
+    hidden = torch.randn(5, config.hidden_size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    got, expected = _compiled_check_pass(model, lib, hidden), _transformers_pass(model, hidden)
+    if dtype == torch.float32:
+        if not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
+            return f"largest difference {(got - expected).abs().max().item():.2e} from transformers' layers"
+        return None
+    exact = _transformers_pass(model.double(), hidden.double())
+    ours, theirs = ((result.double() - exact).abs().max().item() for result in (got, expected))
+    if not ours <= theirs:
+        return (f"{dtype}: largest difference {ours:.2e} from a float64 forward of the same weights, against "
+                f"{theirs:.2e} for transformers' layers")
     return None
+
+
+def _transformers_pass(model, hidden: torch.Tensor) -> torch.Tensor:
+    """transformers' decoder layers over (S, C) states at positions 0.., causal -> (S, C)."""
+    S = hidden.shape[0]
+    with torch.inference_mode():
+        positions = torch.arange(S)[None]
+        rope = model.model.rotary_emb(hidden[None], position_ids=positions)
+        mask = (torch.arange(S)[None, :] <= torch.arange(S)[:, None])[None, None]
+        x = hidden[None]
+        for layer in model.model.layers:
+            x = layer(x, attention_mask=mask, position_ids=positions, position_embeddings=rope)
+    return x[0]
+
+
+def _compiled_check_pass(model, lib: ctypes.CDLL, hidden: torch.Tensor) -> torch.Tensor:
+    """The compiled layers over (S, C) states: the first 2, then the rest with a causal mask given
+    as a token tree's -> (S, C)."""
+    from ..target import KVCache
+
+    S = hidden.shape[0]
+    with torch.inference_mode():
+        rope = model.model.rotary_emb(hidden[None], position_ids=torch.arange(S)[None])
+        mask = (torch.arange(S)[None, :] <= torch.arange(S)[:, None])[None, None]
+        compiled, cache, layers = CompiledLayers(model, lib), KVCache(), len(model.model.layers)
+        head = compiled.run(hidden[:2], 0, layers, 0, cache, tuple(part[:, :2] for part in rope))
+        tail = compiled.run(hidden[2:], 0, layers, 2, cache, tuple(part[:, 2:] for part in rope), mask[:, :, 2:])
+    return torch.cat([head, tail])

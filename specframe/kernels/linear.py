@@ -1,4 +1,4 @@
-"""Few-row linear layers on CPU in fp32: a pass over 1-16 tokens reads each weight only once.
+"""Few-row linear layers on CPU in fp32 or bf16: a pass over 1-16 tokens reads each weight only once.
 
 A one-token pass of a small model streams every weight from memory once (memory-bound). A
 verification pass over t tokens should cost barely more, but PyTorch's fp32 matmul on CPU (MKL)
@@ -10,9 +10,13 @@ all rows of a pass over up to 8 tokens, folds each tile's horizontal sums togeth
 the weight 24 rows ahead into L2 so the loads overlap the arithmetic. It reads the weight where it
 is (PyTorch's (N, K) layout): no second copy.
 
+bf16 weights go through the bf16 build of the same kernel (`build.library(torch.bfloat16)`):
+each weight is widened to fp32 as it is loaded and the sums are the fp32 build's; the bf16 input
+rows are widened to fp32 first and the fp32 result rounded to bf16 (as torch rounds) at the end.
+
 Without the compiled library (`build.library()` None), passes keep PyTorch's kernels, except
-that the LM head of a pass over 2-16 tokens runs through oneDNN on a packed copy of its weight
-(`pack_for_few_rows`).
+that the fp32 LM head of a pass over 2-16 tokens runs through oneDNN on a packed copy of its
+weight (`pack_for_few_rows`).
 
 Every output element is summed in the same order whatever the number of rows, so row i of a
 pass over t tokens is bitwise the row of a one-token pass: verifying drafts reproduces plain
@@ -33,20 +37,21 @@ from .attention import ATTENTION, MAX_ROWS, sdpa_config
 
 
 def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for CPU fp32 with at most MAX_ROWS rows, through the compiled kernel on torch's
-    number of threads (the result is bitwise the same for any number).
+    """F.linear for CPU fp32 or bf16 with at most MAX_ROWS rows, through the compiled kernel on
+    torch's number of threads (the result is bitwise the same for any number).
 
-    x: (..., K) with T = x.numel() // K rows; weight: (N, K) contiguous. Returns (..., N).
-    Callers check `build.library()` first; this assumes it is there.
+    x: (..., K) with T = x.numel() // K rows, in the weight's dtype; weight: (N, K) contiguous.
+    Returns (..., N) in that dtype (bf16: the fp32 sums, bias added, rounded once).
+    Callers check `build.library(weight.dtype)` first; this assumes it is there.
     """
     N, K = weight.shape
-    x = x.contiguous()  # (T, K) in memory
-    out = x.new_empty((*x.shape[:-1], N))  # (T, N) in memory
-    build.library().specframe_few_rows_linear(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // K, K, N,
-                                              torch.get_num_threads())
+    rows = x.to(torch.float32).contiguous()  # (T, K) fp32 in memory (x itself when fp32)
+    out = rows.new_empty((*x.shape[:-1], N))  # (T, N) in memory
+    build.library(weight.dtype).specframe_few_rows_linear(rows.data_ptr(), weight.data_ptr(), out.data_ptr(),
+                                                          rows.numel() // K, K, N, torch.get_num_threads())
     if bias is not None:
         out += bias
-    return out
+    return out.to(x.dtype)
 
 
 class FewRowKernels:
@@ -56,8 +61,8 @@ class FewRowKernels:
     >>> with kernels:
     ...     logits = model.lm_head(hidden)  # (T, V) through the kernel when T <= MAX_ROWS
 
-    Inside the block each fp32 `nn.Linear` gets an instance `forward` that takes the kernel (or,
-    without one, the packed oneDNN LM head), and SDPA attention takes `few_row_attention`. On
+    Inside the block each fp32 or bf16 `nn.Linear` gets an instance `forward` that takes the kernel
+    (or, without one, an fp32 model's packed oneDNN LM head), and SDPA attention takes `few_row_attention`. On
     leaving it the model is as it was, so Hugging Face's own `generate` on the same model keeps
     its own kernels. Blocks nest. A layer that already has an instance `forward` (accelerate's
     hooks, say) is left alone.
@@ -67,13 +72,14 @@ class FewRowKernels:
         self._depth = 0
         self._config = sdpa_config(model)
         linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)
-                   and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
-        if build.library() is not None:
+                   and m.weight.device.type == "cpu" and m.weight.dtype in build.KERNEL_DTYPES]
+        dtypes = {m.weight.dtype for m in linears}
+        if dtypes and all(build.library(dtype) is not None for dtype in dtypes):
             self._routes = [(m, functools.partial(_kernel_forward, m)) for m in linears]
-            self.path = "compiled few-row kernel" if self._routes else "PyTorch"
+            self.path = "compiled few-row kernel"
             return
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        packed = _PackedHead(head) if any(m is head for m in linears) else None
+        packed = _PackedHead(head) if any(m is head and m.weight.dtype == torch.float32 for m in linears) else None
         self.path = "oneDNN LM head" if packed is not None else "PyTorch"
         self._routes = [(head, packed)] if packed is not None else []
 
@@ -103,12 +109,13 @@ class FewRowKernels:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, through the compiled few-row kernel where it applies: the library built, CPU
-    fp32, at most MAX_ROWS rows, a contiguous weight, no autograd to record and no autocast."""
-    if (x.dtype is not torch.float32 or weight.dtype is not torch.float32 or not x.is_cpu or not weight.is_cpu
+    """F.linear, through the compiled few-row kernel where it applies: the library built, CPU fp32
+    or bf16 (x and weight alike), at most MAX_ROWS rows, a contiguous weight, no autograd to
+    record and no autocast."""
+    if (x.dtype is not weight.dtype or x.dtype not in build.KERNEL_DTYPES or not x.is_cpu or not weight.is_cpu
             or x.numel() > MAX_ROWS * x.shape[-1] or not weight.is_contiguous()
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            or torch.is_autocast_enabled("cpu") or build.library() is None):
+            or torch.is_autocast_enabled("cpu") or build.library(x.dtype) is None):
         return F.linear(x, weight, bias)
     return few_rows_linear(x, weight, bias)
 
