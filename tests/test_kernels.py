@@ -1,6 +1,6 @@
 """The few-row linear kernel: same products as F.linear, rows independent of the batch, routed
 only inside TargetModel's passes, and PyTorch's kernels (or the packed oneDNN LM head) where it
-cannot be used."""
+cannot be used; fp32 and bf16 weights (the bf16 build widens them to fp32 and rounds as torch)."""
 
 from __future__ import annotations
 
@@ -21,19 +21,38 @@ from .conftest import StubTokenizer, tiny_llama
 HAS_COMPILER = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
 
 
+DTYPES = [torch.float32, torch.bfloat16]  # the weight dtypes with a build of the kernel
+
+
+def _kernel(dtype=torch.float32):
+    """The compiled kernel for `dtype`; only a machine without a C compiler may skip (that is the
+    fallback's case)."""
+    if kernels.library(dtype) is None:
+        if HAS_COMPILER:
+            pytest.fail(f"a C compiler is on PATH but the few-row kernel for {dtype} did not build")
+        pytest.skip("no C compiler: the fallback tests cover this machine")
+    return kernels.library(dtype)
+
+
 @pytest.fixture
 def kernel():
-    """The compiled kernel; only a machine without a C compiler may skip (that is the fallback's case)."""
-    if kernels.library() is None:
-        if HAS_COMPILER:
-            pytest.fail("a C compiler is on PATH but the few-row kernel did not build")
-        pytest.skip("no C compiler: the fallback tests cover this machine")
-    return kernels.library()
+    return _kernel()
+
+
+@pytest.fixture(params=DTYPES, ids=["fp32", "bf16"])
+def dtype(request):
+    """Each weight dtype with a kernel build (skipped only without a C compiler)."""
+    _kernel(request.param)
+    return request.param
 
 
 @pytest.fixture
 def no_kernel(monkeypatch):
-    monkeypatch.setattr(build, "library", lambda: None)
+    monkeypatch.setattr(build, "library", lambda dtype=torch.float32: None)
+
+
+def _randn(*shape, generator, dtype=torch.float32):
+    return torch.randn(*shape, generator=generator).to(dtype)
 
 
 @pytest.mark.parametrize("rows", range(1, 17))
@@ -45,22 +64,37 @@ def test_kernel_matches_f_linear(kernel, rows, K, N):
     torch.testing.assert_close(few_rows_linear(x[None], w, b), F.linear(x[None], w, b), rtol=1e-5, atol=1e-4)
 
 
-def test_each_row_is_bitwise_the_one_row_product(kernel):
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 13, 16])
+@pytest.mark.parametrize("K, N", [(576, 192), (37, 9), (96, 130)])
+def test_the_bf16_kernel_is_f_linear_in_fp32_rounded_once(rows, K, N):
+    """bf16 rows and weights, multiplied in fp32 and rounded to bf16 at the end: within a bf16
+    step of the fp32 product of the same values (and F.linear in bf16 no closer)."""
+    _kernel(torch.bfloat16)
+    generator = torch.Generator().manual_seed(rows)
+    x, w, b = (_randn(*shape, generator=generator, dtype=torch.bfloat16) for shape in ((rows, K), (N, K), (N,)))
+    exact = F.linear(x.double(), w.double(), b.double())
+    got = few_rows_linear(x, w, b)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), exact, rtol=2 ** -8, atol=1e-3)
+    assert (got.double() - exact).abs().max() <= (F.linear(x, w, b).double() - exact).abs().max()
+
+
+def test_each_row_is_bitwise_the_one_row_product(dtype):
     generator = torch.Generator().manual_seed(0)
-    x, w = torch.randn(16, 200, generator=generator), torch.randn(67, 200, generator=generator)
+    x, w = _randn(16, 200, generator=generator, dtype=dtype), _randn(67, 200, generator=generator, dtype=dtype)
     together = few_rows_linear(x, w)
     alone = torch.cat([few_rows_linear(x[i : i + 1], w) for i in range(16)])
     assert torch.equal(together, alone)
 
 
 @pytest.mark.parametrize("rows", range(2, 17))
-def test_every_tile_shape_gives_each_row_bitwise_its_one_row_product(kernel, rows):
+def test_every_tile_shape_gives_each_row_bitwise_its_one_row_product(dtype, rows):
     """2-16 rows take tiles of up to 8 rows (2 without AVX-512) against 3 or 4 weight rows, and
     narrower tiles at the ends of N: each row is still bitwise the one-row product, on 1 and 3
     threads."""
     generator = torch.Generator().manual_seed(rows)
     for K, N in ((576, 26), (37, 13), (64, 7)):  # N: a tail of 2 or 1 after blocks of 4 or 3
-        x, w = torch.randn(rows, K, generator=generator), torch.randn(N, K, generator=generator)
+        x, w = _randn(rows, K, generator=generator, dtype=dtype), _randn(N, K, generator=generator, dtype=dtype)
         alone = torch.cat([few_rows_linear(x[i : i + 1], w) for i in range(rows)])
         assert torch.equal(few_rows_linear(x, w), alone), (K, N)
         before = torch.get_num_threads()
@@ -71,19 +105,20 @@ def test_every_tile_shape_gives_each_row_bitwise_its_one_row_product(kernel, row
             torch.set_num_threads(before)
 
 
-def test_the_folded_sums_are_bitwise_one_sum_at_a_time(kernel, monkeypatch, tmp_path):
+def test_the_folded_sums_are_bitwise_one_sum_at_a_time(dtype, monkeypatch, tmp_path):
     """A tile's horizontal sums are folded together by shuffles; built with
     -DSPECFRAME_SERIAL_SUMS, the kernel sums each accumulator alone (the order every sum had
     before). Both builds give bitwise the same products, so the folding changed no result."""
     monkeypatch.setattr(build, "_kernel_dir", lambda: tmp_path)
     compiler = shutil.which("cc") or shutil.which("gcc")
-    serial = load_library(build_library(compiler, (*build.CFLAGS, "-DSPECFRAME_SERIAL_SUMS"), kernels.C_SOURCE))
+    flags = (*build.CFLAGS, *build.KERNEL_DTYPES[dtype], "-DSPECFRAME_SERIAL_SUMS")
+    serial = load_library(build_library(compiler, flags, kernels.C_SOURCE), dtype)
     generator = torch.Generator().manual_seed(0)
     for rows in range(1, 17):
         for K, N in ((576, 26), (37, 13)):
-            x, w = torch.randn(rows, K, generator=generator), torch.randn(N, K, generator=generator)
+            x, w = torch.randn(rows, K, generator=generator), _randn(N, K, generator=generator, dtype=dtype)
             folded, one_at_a_time = torch.empty(rows, N), torch.empty(rows, N)
-            for lib, y in ((kernel, folded), (serial, one_at_a_time)):
+            for lib, y in ((kernels.library(dtype), folded), (serial, one_at_a_time)):
                 lib.specframe_few_rows_linear(x.data_ptr(), w.data_ptr(), y.data_ptr(), rows, K, N, 1)
             assert torch.equal(folded, one_at_a_time), (rows, K, N)
 
@@ -93,6 +128,38 @@ def test_a_wrong_kernel_is_refused(kernel, monkeypatch, tmp_path):
     broken = kernels.C_SOURCE.replace("for (int kk = k; kk < K; kk++) s +=", "for (int kk = k; kk < K; kk++) s -=")
     with pytest.raises(KernelCheckError, match="wrongly"):
         load_library(build_library(shutil.which("cc") or shutil.which("gcc"), kernels.CFLAGS, broken))
+
+
+def _bf16_build(source: str):
+    return build_library(shutil.which("cc") or shutil.which("gcc"), (*kernels.CFLAGS, "-DSPECFRAME_BF16"), source)
+
+
+def test_the_bf16_kernel_rounds_as_torch_does():
+    """Keys and values go into a bf16 cache rounded to nearest, ties to even, as torch rounds:
+    bitwise on ties both ways, the largest values, overflow, subnormals and random values."""
+    lib = _kernel(torch.bfloat16)
+    values = build.rounding_cases()
+    got = build.to_weights(lib, values, torch.bfloat16)
+    assert torch.equal(got.view(torch.int16), values.to(torch.bfloat16).view(torch.int16))
+    assert build.to_weights(lib, torch.tensor([float("nan")]), torch.bfloat16).isnan().all()
+
+
+@pytest.mark.parametrize("wrong, says", [
+    ("(u + 0x7fffu + ((u >> 16) & 1u)) >> 16", "rounds"),  # truncation instead of rounding to even
+    ("(vec)(__builtin_convertvector(h, uvec) << 16)", "wrongly")])  # bf16 widened with the wrong shift
+def test_a_wrong_bf16_kernel_is_refused(monkeypatch, tmp_path, wrong, says):
+    monkeypatch.setattr(build, "_kernel_dir", lambda: tmp_path)
+    broken = kernels.C_SOURCE.replace(wrong, "(u >> 16)" if says == "rounds" else
+                                      "(vec)(__builtin_convertvector(h, uvec) << 15)")
+    assert broken != kernels.C_SOURCE
+    with pytest.raises(KernelCheckError, match=says):
+        load_library(_bf16_build(broken), torch.bfloat16)
+
+
+def test_a_library_for_other_weights_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr(build, "_kernel_dir", lambda: tmp_path)
+    with pytest.raises(KernelCheckError, match="2-byte weights"):
+        load_library(_bf16_build(kernels.C_SOURCE), torch.float32)
 
 
 def test_a_failing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
@@ -185,13 +252,36 @@ def test_without_a_kernel_one_row_never_packs_the_lm_head(no_kernel, tiny_model)
     assert all("packed" not in vars(route) for _, route in target.kernels._routes)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_other_dtypes_keep_pytorch_kernels(tiny_model, dtype):
-    model = copy.deepcopy(tiny_model).to(dtype)
+def test_other_dtypes_keep_pytorch_kernels(tiny_model):
+    model = copy.deepcopy(tiny_model).to(torch.float16)
     target = TargetModel(model)
     assert target.kernels._routes == []
-    hidden = torch.randn(3, model.config.hidden_size, dtype=dtype)
+    hidden = torch.randn(3, model.config.hidden_size, dtype=torch.float16)
     assert target.logits(hidden).shape == (3, model.config.vocab_size)
+
+
+def test_a_bf16_model_routes_its_linears_through_the_bf16_kernel(tiny_model, monkeypatch):
+    _kernel(torch.bfloat16)
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    target = TargetModel(model)
+    assert target.kernels.path == "compiled few-row kernel"
+    assert len(target.kernels._routes) == 7 * model.config.num_hidden_layers + 1
+    hidden = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    calls = []
+    monkeypatch.setattr(linear, "few_rows_linear", lambda *args: calls.append(args[1].dtype) or F.linear(*args))
+    with torch.inference_mode():
+        logits = target.logits(hidden)
+    assert calls == [torch.bfloat16] and logits.dtype == torch.bfloat16
+
+
+def test_with_the_kernels_off_a_bf16_model_keeps_pytorch_kernels(tiny_model, monkeypatch):
+    monkeypatch.setenv(kernels.DISABLE_ENV, "0")
+    kernels.library.cache_clear()
+    try:
+        target = TargetModel(copy.deepcopy(tiny_model).to(torch.bfloat16))
+        assert target.kernels._routes == [] and target.kernels.path == "PyTorch" and target.compiled is None
+    finally:
+        kernels.library.cache_clear()
 
 
 @pytest.mark.parametrize("T", [1, 2, 5, 16, 17])
@@ -319,9 +409,9 @@ def test_a_bad_thread_setting_is_a_config_error(monkeypatch, tiny_model):
 
 
 @pytest.mark.parametrize("threads", [2, 3])
-def test_the_kernel_on_more_threads_gives_bitwise_the_one_thread_product(kernel, threads):
+def test_the_kernel_on_more_threads_gives_bitwise_the_one_thread_product(dtype, threads):
     generator = torch.Generator().manual_seed(threads)
-    x, w = torch.randn(7, 96, generator=generator), torch.randn(130, 96, generator=generator)  # a tail in N
+    x, w = _randn(7, 96, generator=generator, dtype=dtype), _randn(130, 96, generator=generator, dtype=dtype)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
