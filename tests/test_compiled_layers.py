@@ -295,3 +295,20 @@ def test_a_wrong_layer_kernel_is_refused(dtype, monkeypatch, tmp_path):
     monkeypatch.setattr(build, "library", lambda dtype=torch.float32: wrong)
     with pytest.warns(RuntimeWarning, match="compiled decoder layers are unavailable"):
         assert compiled_layers(tiny_llama(dtype=dtype)) is None
+
+
+def test_verified_logits_are_bitwise_those_of_plain_one_token_passes(dtype):
+    """What makes greedy speculative decoding exact, in fp32 and bf16: an EESD round (the drafts
+    run through the lower layers one at a time, then verified through the upper ones in one
+    pass) gives bitwise the logits of plain decoding's one-token passes through the whole stack."""
+    model = tiny_llama(vocab_size=96, num_layers=4, seed=1, init=0.3, hidden_size=64, dtype=dtype)
+    ids = torch.randint(0, 96, (26,), generator=torch.Generator().manual_seed(0))
+    plain, eesd = TargetModel(model), TargetModel(model)
+    assert plain.compiled is not None
+    split = eesd.enable_split(2)
+    for target in (plain, eesd):
+        target.forward(ids[:20], logits_to_keep=1)  # a prefill over more than 16 tokens: PyTorch's layers
+    alone = torch.cat([plain.forward(ids[i : i + 1]) for i in range(20, 26)])
+    for i in range(20, 25):
+        split.lower(ids[i : i + 1])  # drafting: one token at a time through layers [0, 2)
+    assert torch.equal(eesd.forward(ids[20:26]), alone)

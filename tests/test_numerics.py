@@ -120,8 +120,15 @@ def test_auto_is_exact_by_default_on_cpu(monkeypatch):
 # ---- the property, on the real model --------------------------------------------------------------
 @pytest.mark.slow
 def test_bf16_greedy_divergences_are_near_ties(default_model_bf16):
+    """Only near-ties; and none at all where the compiled bf16 layers run (a verification pass's
+    rows are then bitwise one-token rows, docs/numerics.md)."""
+    from specframe.kernels.layers import compiled_layers
+
     model, tokenizer = default_model_bf16
-    assert_only_near_ties(divergences(model, tokenizer, METHODS, spec_bench_prompts(481, 321, 141)))
+    found = divergences(model, tokenizer, METHODS, spec_bench_prompts(481, 321, 141))
+    assert_only_near_ties(found)
+    if compiled_layers(model) is not None:
+        assert found == [], "\n".join(d.describe() for d in found)
 
 
 @define
