@@ -27,7 +27,7 @@ CONTEXT = 300
 
 def use(target: TargetModel, model, lib) -> None:
     """Route the target's compiled layers and its LM head through `lib`."""
-    build.library = lambda: lib
+    build.library = lambda dtype=torch.float32: lib
     target.compiled = CompiledLayers(model, lib)
 
 
