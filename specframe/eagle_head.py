@@ -74,7 +74,7 @@ class EagleHead(EarlyExitHead):
 
     def fused_input(self, hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         """(T, C) states and (T, C) previous features -> (T, C) layer input: `self.fuse`, through
-        the few-row kernel while drafting in CPU fp32."""
+        the few-row kernel while drafting on CPU in fp32 or bf16."""
         return few_row_or_torch_linear(torch.cat([hidden, previous], -1), self.fuse.weight)
 
     def rollback(self, length: int) -> None:

@@ -7,10 +7,10 @@ reduced vocabulary (the most frequent tokens of the target's own outputs). With 
 vocabulary, q is still a distribution over the full vocabulary, zero outside the subset, so
 verification against the full-vocabulary p stays lossless.
 
-The head keeps its own KV cache, rolled back with the target's. While drafting on CPU in fp32,
-its layers run through the target's compiled decoder layers (`specframe.kernels.layers`) and its
-LM head through the few-row linear kernel, as the target's own passes do; elsewhere (bf16, other
-decoder layers, SPECFRAME_FEW_ROW_KERNEL=0, training) through PyTorch.
+The head keeps its own KV cache, rolled back with the target's. While drafting on CPU in fp32 or
+bf16, its layers run through the target's compiled decoder layers (`specframe.kernels.layers`)
+and its LM head through the few-row linear kernel, as the target's own passes do; elsewhere
+(other dtypes or decoder layers, SPECFRAME_FEW_ROW_KERNEL=0, training) through PyTorch.
 
 A saved head is one safetensors file whose metadata say which model it belongs to (a
 fingerprint: config summary, a hash of some weights and a small probe of weight values), N, the

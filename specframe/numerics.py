@@ -1,9 +1,10 @@
 """What "lossless" means per dtype, and whether a greedy divergence is a numerical near-tie.
 
 A verification pass over K + 1 tokens and a one-token pass add up the same products in a
-different order. In fp32 on CPU the two agree bit for bit; in bf16 and fp16 they round apart by a
-few units in the last place, so where the target's two best tokens are that close, the pass
-over several tokens may pick the other one (docs/numerics.md).
+different order. In fp32 on CPU the two agree bit for bit, and in bf16 on CPU where specframe's
+compiled kernels run (specframe.kernels); elsewhere in bf16 and fp16 they round apart by a few
+units in the last place, so where the target's two best tokens are that close, the pass over
+several tokens may pick the other one (docs/numerics.md).
 
 `judge_divergence` recomputes the logits at the first position where two greedy outputs part,
 from the same prefix in one plain forward pass, and measures how far the two tokens there are

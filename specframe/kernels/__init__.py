@@ -1,4 +1,5 @@
-"""specframe's few-row kernels for CPU fp32 passes over 1-16 tokens.
+"""specframe's few-row kernels for CPU passes over 1-16 tokens, in fp32 and bf16 (bf16 weights and
+KV cache widened to fp32 as loaded; a second build of the same C source).
 
 - `build`: compiles few_rows.c for this CPU on first use, caches and checks it;
 - `linear`: the few-row linear kernel inside `FewRowKernels` blocks (and the packed oneDNN LM
