@@ -1,5 +1,5 @@
 """Experiment (issue 17): two versions of specframe/kernels/few_rows.c on the default model,
-fp32, 1 thread, context 300: the cost of a target pass over t = 1..16 new tokens, interleaved
+fp32 (or bf16 with --dtype bf16: the sources built with -DSPECFRAME_BF16), 1 thread, context 300: the cost of a target pass over t = 1..16 new tokens, interleaved
 in one process, and whether both give bitwise the same logits (chain passes of 1-16 rows, a
 prefill, and a token tree).
 
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from specframe.kernels import build
+from specframe.kernels import FewRowKernels, build
 from specframe.kernels.layers import CompiledLayers
 from specframe.models import load_model
 from specframe.target import TargetModel
@@ -29,6 +29,7 @@ def use(target: TargetModel, model, lib) -> None:
     """Route the target's compiled layers and its LM head through `lib`."""
     build.library = lambda dtype=torch.float32: lib
     target.compiled = CompiledLayers(model, lib)
+    target.kernels = FewRowKernels(model)  # its routes call build.library() when they run
 
 
 def logits_of(target: TargetModel, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -49,10 +50,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("rounds", type=int)
     parser.add_argument("sources", nargs="+")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    libs = [build.load_library(build.build_library("cc", build.CFLAGS, open(path).read())) for path in args.sources]
-    model, _ = load_model(None, device="cpu", dtype="fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    flags = (*build.CFLAGS, *build.KERNEL_DTYPES[dtype])
+    libs = [build.load_library(build.build_library("cc", flags, open(path).read()), dtype) for path in args.sources]
+    model, _ = load_model(None, device="cpu", dtype=args.dtype)
     ids = torch.randint(100, 20000, (CONTEXT + 16,), generator=torch.Generator().manual_seed(0))
     targets = [TargetModel(model) for _ in libs]
     logits = []
