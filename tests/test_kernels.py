@@ -162,13 +162,15 @@ def test_a_library_for_other_weights_is_refused(monkeypatch, tmp_path):
         load_library(_bf16_build(kernels.C_SOURCE), torch.float32)
 
 
-def test_a_failing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
+@pytest.mark.parametrize("dtype, name", [(torch.float32, "few-row kernel is"),
+                                         (torch.bfloat16, "few-row kernel for bf16 weights is")])
+def test_a_failing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path, dtype, name):
     monkeypatch.setattr(build, "_kernel_dir", lambda: tmp_path)
     monkeypatch.setenv("CC", "false")
     kernels.library.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="few-row kernel is unavailable"):
-            assert kernels.library() is None
+        with pytest.warns(RuntimeWarning, match=f"{name} unavailable"):
+            assert kernels.library(dtype) is None
     finally:
         kernels.library.cache_clear()
 

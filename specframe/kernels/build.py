@@ -49,8 +49,9 @@ def _library(dtype: torch.dtype) -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError, KernelCheckError) as exc:
         said = getattr(exc, "stderr", None) or b""
         detail = f"{exc}: {said.decode(errors='replace').strip()[-500:]}" if said else str(exc)
-        warnings.warn(f"specframe: the few-row kernel is unavailable ({detail}); using PyTorch's kernels",
-                      RuntimeWarning, stacklevel=2)
+        name = {torch.float32: "", torch.bfloat16: " for bf16 weights"}[dtype]
+        warnings.warn(f"specframe: the few-row kernel{name} is unavailable ({detail}); using PyTorch's kernels",
+                      RuntimeWarning, stacklevel=3)
         return None
 
 
