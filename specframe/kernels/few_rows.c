@@ -48,14 +48,25 @@ static inline vec loadu(const float *p) { vec v; __builtin_memcpy(&v, p, sizeof 
 
 /* ---- weights and the KV cache: fp32, or bf16 widened to fp32 as loaded ----------------------- */
 #if defined(SPECFRAME_BF16)
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 typedef uint16_t weight_t; /* bf16: the top 16 bits of an fp32 */
+#define BF16_SHIFT 16 /* where a bf16's bits sit in an fp32's */
 typedef uint16_t bf16_lanes __attribute__((vector_size(VL * 2)));
 typedef uint32_t uvec __attribute__((vector_size(VL * 4)));
-static inline vec loadw(const weight_t *p) { /* VL bf16 values -> fp32 lanes */
+static inline vec loadw(const weight_t *p) { /* VL bf16 values -> fp32 lanes: zero-extend, shift */
+#if defined(__AVX512F__)
+    /* one vpmovzxwd and one vpslld (GCC 12 lowers the generic form below to two 8-lane halves) */
+    return (vec)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), BF16_SHIFT);
+#elif defined(__AVX2__)
+    return (vec)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), BF16_SHIFT);
+#else
     bf16_lanes h; __builtin_memcpy(&h, p, sizeof h);
-    return (vec)(__builtin_convertvector(h, uvec) << 16);
+    return (vec)(__builtin_convertvector(h, uvec) << BF16_SHIFT);
+#endif
 }
-static inline float getw(const weight_t *p) { uint32_t u = (uint32_t)*p << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline float getw(const weight_t *p) { uint32_t u = (uint32_t)*p << BF16_SHIFT; float f; memcpy(&f, &u, 4); return f; }
 static inline weight_t to_weight(float f) { /* round to nearest even, as torch's float -> bfloat16 */
     uint32_t u; memcpy(&u, &f, 4);
     if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
