@@ -267,6 +267,7 @@ class CostAwareThompsonController(ThompsonBase):
     sizer: TreeSizer = field(init=False, repr=False)  # the tree width's posteriors and plan
     draft_sums: list[float] = field(init=False, repr=False)  # [seconds, tokens], discounted
     verify_sums: list[list[float]] = field(init=False, repr=False)  # per k: [seconds, rounds]
+    skipped: int = field(init=False, default=0)  # rounds without drafts (k = 0) since the last draft
 
     def __attrs_post_init__(self) -> None:
         if self.min_k > self.max_k:
@@ -277,6 +278,7 @@ class CostAwareThompsonController(ThompsonBase):
         super().reset()
         self.planned = self.max_k
         self.draft_sums = [0.0, 0.0]
+        self.skipped = 0
         self.verify_sums = [[0.0, 0.0] for _ in range(self.max_k * self.max_width + 1)]  # per node count
         self.sizer = TreeSizer(self.max_width)
 
@@ -361,9 +363,23 @@ class CostAwareThompsonController(ThompsonBase):
         self.draft_sums = [gamma * value for value in self.draft_sums]
         self.verify_sums = [[gamma * s, gamma * n] for s, n in self.verify_sums]
         if k > 0 and round_stats.draft_seconds > 0:
-            self.draft_sums[0] += round_stats.draft_seconds
-            self.draft_sums[1] += round_stats.depth  # draft steps: a tree's depth
+            self._measure_drafting(round_stats.draft_seconds, round_stats.depth)
+        self.skipped = self.skipped + 1 if k == 0 else 0
         if k < len(self.verify_sums) and round_stats.verify_seconds > 0:
             self.verify_sums[k][0] += round_stats.verify_seconds
             self.verify_sums[k][1] += 1.0
+
+    def _measure_drafting(self, seconds: float, steps: int) -> None:
+        """Add a round's draft seconds to c, less what it paid for the rounds skipped before it.
+
+        A drafter may catch up at its next draft on the tokens committed while it did not draft
+        (an EESD head runs its layer over them then). That excess over c·steps is the cost of
+        the skipped rounds (k = 0), so it is charged to v(0); counted in c, it would make every
+        draft look dearer after a pause and so pause drafting ever more often."""
+        if self.skipped and self.draft_sums[1] > 0:
+            usual = min(seconds, self.draft_step_seconds() * steps)
+            self.verify_sums[0][0] += seconds - usual  # the skipped rounds were counted in verify_sums[0]
+            seconds = usual
+        self.draft_sums[0] += seconds
+        self.draft_sums[1] += steps  # draft steps: a tree's depth
 

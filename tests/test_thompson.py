@@ -40,10 +40,11 @@ def cpu_verify_cost(k: int) -> float:
 
 
 def simulate(controller, rounds, acceptance, draft_cost=CPU_DRAFT_COST, verify_cost=cpu_verify_cost,
-             seed=1, confidence=lambda rng: 1.0):
+             seed=1, confidence=lambda rng: 1.0, catch_up=0.0):
     """Run `rounds` rounds like the engine does: max_draft, draft while keep_drafting, accept each
-    draft with probability acceptance(confidence) until the first rejection, update.
-    Returns (tokens per second, draft lengths)."""
+    draft with probability acceptance(confidence) until the first rejection, update. A round
+    that drafts after rounds without drafts pays `catch_up` more for drafting (an EESD head
+    catching up on the skipped tokens). Returns (tokens per second, draft lengths)."""
     rng = random.Random(seed)
     tokens, seconds, lengths = 0, 0.0, []
     controller.begin()
@@ -57,8 +58,9 @@ def simulate(controller, rounds, acceptance, draft_cost=CPU_DRAFT_COST, verify_c
         accepted = 0
         while accepted < K and rng.random() < acceptance(confidences[accepted]):
             accepted += 1
-        cost = draft_cost * K + verify_cost(K)
-        controller.update(RoundStats(K, accepted, tuple(confidences), draft_cost * K, verify_cost(K)))
+        drafting = draft_cost * K + (catch_up if K and lengths and not lengths[-1] else 0.0)
+        cost = drafting + verify_cost(K)
+        controller.update(RoundStats(K, accepted, tuple(confidences), drafting, verify_cost(K)))
         tokens, seconds = tokens + accepted + 1, seconds + cost
         lengths.append(K)
     return tokens / seconds, lengths
@@ -284,6 +286,21 @@ def test_cost_controller_learns_costs_that_differ_from_its_prior():
     throughput, lengths = simulate(CostAwareThompsonController(), 1500, lambda c: 0.9, 0.05, verify)
     assert Counter(lengths[-500:]).most_common(1)[0][0] >= 7
     assert throughput >= 0.95 * best_rate
+
+
+def test_cost_controller_charges_a_drafters_catch_up_to_the_rounds_it_skipped():
+    """EESD's head catches up at its next draft on the tokens committed while it did not draft
+    (k = 0). Counted as draft cost, that makes drafting look dearer after each pause, so the
+    controller pauses more, near break-even, and loses to always drafting one token."""
+    def verify(k):
+        return 1.0 + 0.05 * k
+
+    best_k, best_rate = best_fixed(0.3, draft_cost=0.17, verify_cost=verify)
+    assert best_k == 1
+    controller = CostAwareThompsonController()
+    throughput, lengths = simulate(controller, 3000, lambda c: 0.3, 0.17, verify, catch_up=0.1)
+    assert Counter(lengths[-1000:])[0] < 100
+    assert throughput >= 0.98 * best_rate
 
 
 @pytest.mark.parametrize("rate", [0.3, 0.6, 0.9])
